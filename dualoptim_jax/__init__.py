@@ -1,0 +1,1 @@
+"""dualoptim_jax: DualOptim and DualOptim+ optimizers for JAX/Optax."""

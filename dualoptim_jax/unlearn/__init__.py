@@ -1,0 +1,1 @@
+"""Unlearning of language models with any optax transform."""
