@@ -107,7 +107,7 @@ def test_write_report_files(tmp_path, capsys):
     md = files.markdown.read_text()
     assert md.startswith("# Unlearning results\n")
     assert R.markdown_table(_results()) in md
-    assert "not included (need models unavailable offline): entailment_score" in md
+    assert "closer-look components not included: entailment_score" in md
     assert "- loss: NPO+GD" in md
     # results.png: a real PNG image.
     png = files.plot.read_bytes()
@@ -138,3 +138,14 @@ def test_write_report_rejects_empty(tmp_path):
 def test_format_stat_std_follows_mean_notation():
     assert R.format_stat(R.Stat(0.2, 3.4e-17, 3)) == "0.2000 ± 0.0000"
     assert R.format_stat(R.Stat(2e-5, 1e-5, 3)) == "2.00e-05 ± 1.00e-05"
+
+
+def test_histories_with_series_method(tmp_path):
+    class History:  # the shape of trainer.LossHistory: series() -> {name: [(update, loss), ...]}
+        def series(self):
+            return {"forget": [(0, 2.0), (6, 1.5)], "retain": [(1, 1.0), (2, 0.9)]}
+
+    files = R.write_report(tmp_path, {"joint": [_run(0)]}, loss_histories={"joint": [History()]}, echo=False)
+    doc = json.loads(files.json.read_text())
+    assert doc["loss_histories"]["joint"][0]["forget"] == [[0, 2.0], [6, 1.5]]
+    assert files.plot.read_bytes()[:4] == b"\x89PNG"

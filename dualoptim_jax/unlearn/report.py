@@ -120,7 +120,8 @@ def _components_note(components: Mapping[str, Any] | None) -> str:
         f"- UFE = 1 − mean of {', '.join(components.get('forget_efficacy', []))}",
     ]
     if components.get("not_included"):
-        lines.append(f"- not included (need models unavailable offline): {', '.join(components['not_included'])}")
+        lines.append(f"- closer-look components not included: {', '.join(components['not_included'])} "
+                     "(see docs/metrics.md)")
     return "\n".join(lines)
 
 
@@ -170,7 +171,7 @@ def _jsonable(x: Any) -> Any:
 def results_json(
     results: Mapping[str, Sequence[Mapping[str, Any]]],
     *,
-    loss_histories: Mapping[str, Sequence[Mapping[str, Sequence[float]]]] | None = None,
+    loss_histories: Mapping[str, Sequence[Any]] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The results.json document: per row the seeds' metrics (per-item lists dropped) and their mean/std."""
@@ -187,9 +188,18 @@ def results_json(
         "components": _components(results),
         "config": dict(config or {}),
         "rows": rows,
-        "loss_histories": dict(loss_histories or {}),
+        "loss_histories": _histories(loss_histories),
     }
     return _jsonable(doc)
+
+
+def _histories(loss_histories: Mapping[str, Sequence[Any]] | None) -> dict[str, list[dict[str, Any]]]:
+    """Per-seed histories as ``{series: values}`` dicts; objects with ``.series()`` (the trainer's
+    ``LossHistory``) are converted, so results can be reported straight from training."""
+    return {
+        str(row): [dict(h.series()) if hasattr(h, "series") else dict(h) for h in runs]
+        for row, runs in (loss_histories or {}).items()
+    }
 
 
 def _series_xy(series: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +213,7 @@ def _series_xy(series: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 def plot_results(
     path: str | Path,
     results: Mapping[str, Sequence[Mapping[str, Any]]],
-    loss_histories: Mapping[str, Sequence[Mapping[str, Sequence[Any]]]] | None = None,
+    loss_histories: Mapping[str, Sequence[Any]] | None = None,
     columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
 ) -> Path:
     """PNG: grouped metric bars per row (± std), then one panel per loss series (forget, retain, ...).
@@ -214,7 +224,7 @@ def plot_results(
     """
     from matplotlib.figure import Figure
 
-    histories = {k: v for k, v in (loss_histories or {}).items() if v}
+    histories = {k: v for k, v in _histories(loss_histories).items() if v}
     series_names = list(dict.fromkeys(name for runs in histories.values() for h in runs for name in h))
     # forget first, then retain, then anything else, so panels read like the table.
     series_names.sort(key=lambda n: (0 if "forget" in n else 1 if "retain" in n else 2))
@@ -267,7 +277,7 @@ def write_report(
     out_dir: str | Path,
     results: Mapping[str, Sequence[Mapping[str, Any]]],
     *,
-    loss_histories: Mapping[str, Sequence[Mapping[str, Sequence[Any]]]] | None = None,
+    loss_histories: Mapping[str, Sequence[Any]] | None = None,
     config: Mapping[str, Any] | None = None,
     title: str = "Unlearning results",
     echo: bool = True,
@@ -278,7 +288,8 @@ def write_report(
       out_dir: destination folder.
       results: ``{row: [per-seed metric dicts]}``, rows in display order (e.g. ``"Initial"`` first).
       loss_histories: ``{row: [per-seed {series: losses}]}``; a series is a list of floats (indexed
-        by its own step count) or of ``(step, value)`` pairs, e.g. ``{"forget": [...], "retain": [...]}``.
+        by its own step count) or of ``(step, value)`` pairs, e.g. ``{"forget": [...], "retain": [...]}``;
+        an object with a ``series()`` method giving such a dict (``trainer.LossHistory``) works too.
       config: run settings recorded in both the JSON and the markdown.
       title: markdown heading.
       echo: print the table (with its legend) to stdout.
