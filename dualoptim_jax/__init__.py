@@ -1,1 +1,41 @@
-"""dualoptim_jax: DualOptim and DualOptim+ optimizers for JAX/Optax."""
+"""dualoptim_jax: DualOptim and DualOptim+ optimizers for JAX/Optax.
+
+Shared-base + decoupled-delta optimizers for training against several
+objectives, above all machine unlearning (Zhong et al., 2025).
+"""
+
+from dualoptim_jax.alias import dualoptim, dualoptim_plus
+from dualoptim_jax.decoupled import DecoupledState, decoupled
+from dualoptim_jax.moments import (
+    Moment,
+    MomentCodec,
+    SharedBaseState,
+    float_storage,
+    shared_base_moments,
+)
+from dualoptim_jax.schedule import alternating
+from dualoptim_jax.transform import (
+    ScaleByObjectiveLearningRateState,
+    scale_by_dualoptim,
+    scale_by_dualoptim_plus,
+    scale_by_objective_learning_rate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecoupledState",
+    "Moment",
+    "MomentCodec",
+    "ScaleByObjectiveLearningRateState",
+    "SharedBaseState",
+    "alternating",
+    "decoupled",
+    "dualoptim",
+    "dualoptim_plus",
+    "float_storage",
+    "scale_by_dualoptim",
+    "scale_by_dualoptim_plus",
+    "scale_by_objective_learning_rate",
+    "shared_base_moments",
+]
