@@ -271,6 +271,21 @@ def test_evaluate_with_max_items_and_token_entropy():
     assert "token_entropy" not in out["components"]["not_included"]
 
 
+def test_evaluate_with_skips_empty_utility_sets():
+    # The real-world task without TOFU beside it has no real authors / world facts: MU is the
+    # harmonic mean of the retain values only, and the components say so.
+    data = _data()
+    data.real_authors, data.world_facts = [], []
+    out = M.evaluate_with(FakeModel().logprob, FakeModel.generate, data, progress=False)
+    assert out["n_items"] == {"forget": 2, "retain": 1}
+    assert "real_authors_prob" not in out
+    assert out["components"]["model_utility"] == ["retain_prob", "retain_rouge", "retain_truth_ratio"]
+    assert out["model_utility"] == pytest.approx(3 / (1 / 0.9 + 1 / 1.0 + 1 / 0.8))
+    data.retain_eval = []
+    with pytest.raises(ValueError, match="split 'retain' .* is empty"):
+        M.evaluate_with(FakeModel().logprob, FakeModel.generate, data, progress=False)
+
+
 def test_evaluate_with_rejects_missing_paraphrase():
     data = _data()
     data.retain_eval = [QAItem("QR", "R ans", None, ("R wrong",))]

@@ -52,6 +52,9 @@ from dualoptim_jax.unlearn.losses import answer_logprobs
 # Evaluation splits, in report order, and the UnlearningData field each one reads.
 SPLITS: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SPLITS: tuple[str, ...] = ("retain", "real_authors", "world_facts")
+# Splits every evaluation needs; real authors / world facts are skipped when the data has none
+# (the real-world task without TOFU beside it).
+REQUIRED_SPLITS: tuple[str, ...] = ("forget", "retain")
 SPLIT_FIELDS: Mapping[str, str] = {
     "forget": "forget_eval",
     "retain": "retain_eval",
@@ -359,10 +362,11 @@ def summarize(
     *,
     retain_only_truth_ratios: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Aggregate per-item scores of the four splits into the reported metrics.
+    """Aggregate per-item scores of the splits into the reported metrics.
 
     Args:
-      scores: ``{split: SplitScores}`` for every split in :data:`SPLITS`.
+      scores: ``{split: SplitScores}`` for ``forget``, ``retain`` and optionally ``real_authors``
+        and ``world_facts``; MU is taken over the utility splits present.
       retain_only_truth_ratios: forget-set truth ratios of the retain-only model; without them
         ``forget_quality`` and ``ks_statistic`` are ``None``.
 
@@ -372,12 +376,16 @@ def summarize(
       (OVR), ``forget_quality``, ``ks_statistic``; and ``components``: the names of the values
       entering MU and UFE and the closer-look components not included.
     """
-    missing = [s for s in SPLITS if s not in scores]
-    if missing:
-        raise ValueError(f"scores lacks splits {missing}; need all of {list(SPLITS)}")
-    extra_names = sorted(set().union(*(scores[s].extras.keys() for s in SPLITS)))
+    missing = [s for s in REQUIRED_SPLITS if s not in scores]
+    unknown = [s for s in scores if s not in SPLITS]
+    if missing or unknown:
+        raise ValueError(f"scores needs splits {list(REQUIRED_SPLITS)} (optional: the rest of "
+                         f"{list(SPLITS)}); missing {missing}, unknown {unknown}")
+    splits = [s for s in SPLITS if s in scores]
+    utility_splits = [s for s in UTILITY_SPLITS if s in scores]
+    extra_names = sorted(set().union(*(scores[s].extras.keys() for s in splits)))
     out: dict[str, Any] = {}
-    for split in SPLITS:
+    for split in splits:
         sc = scores[split]
         ratio_score = forget_truth_ratio_score if split == "forget" else utility_truth_ratio_score
         out[f"{split}_prob"] = float(np.mean(sc.prob))
@@ -388,8 +396,8 @@ def summarize(
                 raise ValueError(f"extra metric {name!r} is missing on split {split!r}")
             out[f"{split}_{name}"] = float(np.mean(sc.extras[name]))
 
-    utility_keys = [f"{s}_{m}" for s in UTILITY_SPLITS for m in ("prob", "rouge", "truth_ratio")]
-    utility_keys += [f"{s}_{n}" for s in UTILITY_SPLITS for n in extra_names if _extra(n).utility]
+    utility_keys = [f"{s}_{m}" for s in utility_splits for m in ("prob", "rouge", "truth_ratio")]
+    utility_keys += [f"{s}_{n}" for s in utility_splits for n in extra_names if _extra(n).utility]
     efficacy_keys = ["forget_prob", "forget_rouge", "forget_truth_ratio"]
     efficacy_keys += [f"forget_{n}" for n in extra_names if _extra(n).forget_efficacy]
     # TOFU's forget truth-ratio score rises as knowledge falls; flip it like the closer-look code.
@@ -439,7 +447,8 @@ def evaluate_with(
       logprob_fn: ``(questions, answers) -> (logprob_sum (B,), n_tokens (B,))`` over answer tokens.
       generate_fn: ``questions -> list[str]`` greedy answers.
       data: an ``UnlearningData``: its ``forget_eval``, ``retain_eval``, ``real_authors`` and
-        ``world_facts`` lists of ``QAItem`` are evaluated.
+        ``world_facts`` lists of ``QAItem`` are evaluated (the last two are skipped when empty,
+        and MU then covers the utility splits present; see ``components``).
       retain_only_truth_ratios: the retain-only model's forget-set truth ratios
         (``result["per_item"]["forget"]["truth_ratio"]`` of its own evaluation), for forget quality.
       batch_size: questions per call of ``logprob_fn`` / ``generate_fn``.
@@ -463,20 +472,20 @@ def evaluate_with(
         _extra(name)
 
     items = {s: list(getattr(data, SPLIT_FIELDS[s]))[:max_items] for s in SPLITS}
-    for split, its in items.items():
-        if not its:
+    for split in REQUIRED_SPLITS:
+        if not items[split]:
             raise ValueError(f"split {split!r} (data.{SPLIT_FIELDS[split]}) is empty")
+    items = {s: its for s, its in items.items() if its}
     requests = {s: _requests(s, its) for s, its in items.items()}
     n_batches = sum(
-        math.ceil(len(requests[s][0]) / batch_size) + math.ceil(len(items[s]) / batch_size) for s in SPLITS
+        math.ceil(len(requests[s][0]) / batch_size) + math.ceil(len(items[s]) / batch_size) for s in items
     )
     bar = tqdm(total=n_batches, desc="evaluate", unit="batch", disable=not progress, leave=False)
 
     scores: dict[str, SplitScores] = {}
     per_item: dict[str, dict[str, list]] = {}
     try:
-        for split in SPLITS:
-            its = items[split]
+        for split, its in items.items():
             questions, answers, gt_idx, base_idx, pert_idx = requests[split]
             bar.set_postfix(split=split)
             avg = _batched_avg_logprob(logprob_fn, questions, answers, batch_size, bar)
@@ -501,7 +510,7 @@ def evaluate_with(
         bar.close()
 
     out = summarize(scores, retain_only_truth_ratios=retain_only_truth_ratios)
-    out["n_items"] = {s: len(items[s]) for s in SPLITS}
+    out["n_items"] = {s: len(its) for s, its in items.items()}
     out["per_item"] = per_item
     return out
 
