@@ -147,7 +147,7 @@ def test_nnx_optimizer_forwards_objective(make):
     # carry the parameter's metadata.
     state = opt.opt_state[0]
     np.testing.assert_array_equal(np.asarray(state.counts[...]), [2, 2])
-    delta = state.deltas[1][0]["kernel"]
+    delta = state.deltas[1][0]["lin"]["kernel"]
     assert isinstance(delta, nnx.Variable) and delta[...].shape == (3, 2)
 
 
