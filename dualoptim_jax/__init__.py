@@ -5,6 +5,18 @@ objectives, above all machine unlearning (Zhong et al., 2025).
 """
 
 from dualoptim_jax.alias import dualoptim, dualoptim_plus
+from dualoptim_jax.alias import (
+    dualoptim_plus_adafactor,
+    dualoptim_plus_lion,
+    dualoptim_plus_rmsprop,
+    dualoptim_plus_sgd,
+)
+from dualoptim_jax.instances import (
+    scale_by_dualoptim_plus_adafactor,
+    scale_by_dualoptim_plus_lion,
+    scale_by_dualoptim_plus_rmsprop,
+    scale_by_dualoptim_plus_sgd,
+)
 from dualoptim_jax.decoupled import DecoupledState, decoupled
 from dualoptim_jax.moments import (
     Moment,
@@ -33,9 +45,17 @@ __all__ = [
     "decoupled",
     "dualoptim",
     "dualoptim_plus",
+    "dualoptim_plus_adafactor",
+    "dualoptim_plus_lion",
+    "dualoptim_plus_rmsprop",
+    "dualoptim_plus_sgd",
     "float_storage",
     "scale_by_dualoptim",
     "scale_by_dualoptim_plus",
+    "scale_by_dualoptim_plus_adafactor",
+    "scale_by_dualoptim_plus_lion",
+    "scale_by_dualoptim_plus_rmsprop",
+    "scale_by_dualoptim_plus_sgd",
     "scale_by_objective_learning_rate",
     "shared_base_moments",
 ]

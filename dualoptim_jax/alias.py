@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import optax
 
-from dualoptim_jax import transform
+from dualoptim_jax import instances, transform
 from dualoptim_jax.moments import is_traced
 
 
@@ -108,4 +108,159 @@ def dualoptim(
           b1, b2, eps, num_objectives=num_objectives, mu_dtype=mu_dtype
       ),
       learning_rate, weight_decay, mask, lr_scales, num_objectives,
+  )
+
+
+# DualOptim+ over other optimizers' statistics (see dualoptim_jax.instances).
+# Their DualOptim counterparts are dj.decoupled(optax.<optimizer>(...)).
+
+
+def dualoptim_plus_lion(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    base_b2: float = 0.99,
+    weight_decay: float = 0.0,
+    *,
+    num_objectives: int = 2,
+    lr_scales: Sequence[float] | None = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """DualOptim+ in Lion form with decoupled weight decay.
+
+  See :func:`~dualoptim_jax.scale_by_dualoptim_plus_lion`. Hyperparameters as
+  ``optax.lion`` (whose ``weight_decay`` defaults to 1e-3; here 0, as in every
+  alias of this package). DualOptim counterpart:
+  ``dj.decoupled(optax.lion(lr, b1, b2, weight_decay=...))``.
+
+  Example:
+    >>> import dualoptim_jax as dj
+    >>> tx = dj.dualoptim_plus_lion(1e-5, weight_decay=0.1)
+  """
+  return _with_decay_and_lr(
+      instances.scale_by_dualoptim_plus_lion(
+          b1, b2, base_b2, num_objectives=num_objectives, mu_dtype=mu_dtype
+      ),
+      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+  )
+
+
+def dualoptim_plus_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    base_momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    num_objectives: int = 2,
+    lr_scales: Sequence[float] | None = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """DualOptim+ in SGD-with-momentum form (EMA momentum, optional Nesterov).
+
+  See :func:`~dualoptim_jax.scale_by_dualoptim_plus_sgd`. ``momentum``
+  defaults to 0.9 (``optax.sgd``'s ``None``, plain SGD, stores nothing to
+  share). The EMA momentum is ``1 - momentum`` times optax's trace, so the
+  DualOptim counterpart is
+  ``dj.decoupled(optax.sgd(lr * (1 - momentum), momentum, nesterov))``.
+
+  Example:
+    >>> import dualoptim_jax as dj
+    >>> tx = dj.dualoptim_plus_sgd(1e-2, momentum=0.9, nesterov=True)
+  """
+  return _with_decay_and_lr(
+      instances.scale_by_dualoptim_plus_sgd(
+          momentum, nesterov, base_momentum, num_objectives=num_objectives,
+          accumulator_dtype=accumulator_dtype,
+      ),
+      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+  )
+
+
+def dualoptim_plus_rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    base_decay: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    num_objectives: int = 2,
+    lr_scales: Sequence[float] | None = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """DualOptim+ in RMSprop form with decoupled weight decay.
+
+  See :func:`~dualoptim_jax.scale_by_dualoptim_plus_rmsprop`. DualOptim
+  counterpart: ``dj.decoupled(optax.rmsprop(lr, decay, eps))``.
+
+  Example:
+    >>> import dualoptim_jax as dj
+    >>> tx = dj.dualoptim_plus_rmsprop(1e-3, decay=0.9)
+  """
+  return _with_decay_and_lr(
+      instances.scale_by_dualoptim_plus_rmsprop(
+          decay, eps, base_decay, eps_in_sqrt=eps_in_sqrt,
+          bias_correction=bias_correction, num_objectives=num_objectives,
+          mu_dtype=mu_dtype,
+      ),
+      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+  )
+
+
+def dualoptim_plus_adafactor(
+    learning_rate: optax.ScalarOrSchedule,
+    b2: float = 0.999,
+    base_b2: float = 0.999,
+    eps: float = 1e-30,
+    weight_decay: float = 0.0,
+    *,
+    min_dim_size_to_factor: int = 128,
+    factored: bool = True,
+    clipping_threshold: float | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    num_objectives: int = 2,
+    lr_scales: Sequence[float] | None = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """DualOptim+ over Adafactor's factored second moments.
+
+  ``chain(scale_by_dualoptim_plus_adafactor, clip_by_block_rms(clipping_threshold),
+  scale_by_param_block_rms(), add_decayed_weights, -lr * s_k)``, the order of
+  ``optax.adafactor`` (whose ``weight_decay_rate`` is not scaled by the
+  learning rate; ``weight_decay`` here is, like every alias of this package).
+  ``b2`` is a constant decay with bias correction, replacing optax's
+  ``decay_rate`` exponent schedule; see
+  :func:`~dualoptim_jax.scale_by_dualoptim_plus_adafactor`. Adafactor's
+  optional momentum is not provided. The parameter scale needs ``params`` in
+  ``update``. DualOptim counterpart: ``dj.decoupled(optax.adafactor(lr))``.
+
+  Example:
+    >>> import dualoptim_jax as dj
+    >>> tx = dj.dualoptim_plus_adafactor(1e-2, min_dim_size_to_factor=32)
+  """
+  if clipping_threshold is not None and not is_traced(clipping_threshold):
+    if not float(clipping_threshold) >= 1.0:
+      raise ValueError(
+          f"clipping_threshold must be >= 1 or None, got {clipping_threshold!r}."
+      )
+  parts = [
+      instances.scale_by_dualoptim_plus_adafactor(
+          b2, base_b2, eps, factored=factored,
+          min_dim_size_to_factor=min_dim_size_to_factor,
+          num_objectives=num_objectives, mu_dtype=mu_dtype,
+      )
+  ]
+  if clipping_threshold is not None:
+    parts.append(optax.clip_by_block_rms(clipping_threshold))
+  if multiply_by_parameter_scale:
+    parts.append(optax.scale_by_param_block_rms())
+  return _with_decay_and_lr(
+      optax.chain(*parts), learning_rate, weight_decay, mask, lr_scales,
+      num_objectives,
   )
