@@ -46,13 +46,15 @@ class Tokenizer:
   """
 
   def __init__(self, hf_tokenizer: tokenizers.Tokenizer, *, bos_id: int, eos_id: int,
-               pad_id: int):
+               pad_id: int, chat_template: str | None = None):
     size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
       if not 0 <= int(value) < size:
         raise ValueError(f"{name}={value} is outside the vocabulary [0, {size})")
     self._tok = hf_tokenizer
     self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
+    # The Jinja chat template shipped with a pretrained model (e.g. GGUF metadata), kept verbatim.
+    self.chat_template = chat_template
 
   @property
   def hf_tokenizer(self) -> tokenizers.Tokenizer:
@@ -90,9 +92,10 @@ class Tokenizer:
 
   @classmethod
   def from_hf_tokenizer(cls, hf_tokenizer: tokenizers.Tokenizer, bos_id: int, eos_id: int,
-                        pad_id: int) -> "Tokenizer":
+                        pad_id: int, chat_template: str | None = None) -> "Tokenizer":
     """Wraps an existing ``tokenizers.Tokenizer`` (e.g. built from a GGUF file)."""
-    return cls(hf_tokenizer, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    return cls(hf_tokenizer, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+               chat_template=chat_template)
 
   @classmethod
   def from_file(cls, path: str | os.PathLike, *, bos_token: str = BOS_TOKEN,
