@@ -184,6 +184,7 @@ def shared_base_moments(
     *,
     num_objectives: int = 2,
     storage: StoragePolicy | None = None,
+    use_base: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a DualOptim+ transform from moments and a direction.
 
@@ -194,6 +195,9 @@ def shared_base_moments(
       :math:`M_i` after / before this step's delta EMA (see module doc).
     num_objectives: K >= 1, the number of objectives.
     storage: how each moment leaf is stored (default: the parameter's dtype).
+    use_base: ``False`` drops the shared base (:math:`\hat B = 0`): each
+      objective then runs the plain optimizer on its own state (DualOptim), and
+      with K = 1 this is the plain optimizer itself (used for 8-bit Adam).
 
   Returns:
     A transform whose ``update(updates, state, params=None, *, objective)``
@@ -235,7 +239,7 @@ def shared_base_moments(
         out.append(leaf_codecs[i][which].init(spec))
       return treedef.unflatten(out)
 
-    base = tuple(moment_tree(i, 0) for i in range(len(moments)))
+    base = tuple(moment_tree(i, 0) for i in range(len(moments))) if use_base else ()
     deltas = tuple(
         tuple(moment_tree(i, 1) for i in range(len(moments)))
         for _ in range(num_objectives)
@@ -250,7 +254,7 @@ def shared_base_moments(
   def step(k: int, updates, state: SharedBaseState):
     leaves, treedef = jax.tree.flatten(updates)
     codecs = codecs_for(updates)
-    base_leaves = [treedef.flatten_up_to(b) for b in state.base]
+    base_leaves = [treedef.flatten_up_to(b) for b in state.base] if use_base else None
     delta_leaves = [treedef.flatten_up_to(d) for d in state.deltas[k]]
     n_prev = state.count
     t_prev = state.counts[k]
@@ -277,23 +281,28 @@ def shared_base_moments(
       current, previous = [], []
       for i, m in enumerate(moments):
         base_codec, delta_codec = codecs[j][i]
-        b = base_codec.decode(base_leaves[i][j]).astype(dtype)
         d = delta_codec.decode(delta_leaves[i][j]).astype(dtype)
         key = (i, jnp.dtype(dtype))
         if key not in scale_cache:
           scale_cache[key] = scales(m, dtype)
         base_scale, delta_scale, prev_scale = scale_cache[key]
         s = m.statistic(gc)
-        b_hat = b * base_scale
-        d_new = m.decay * d + (1 - m.decay) * (s - b_hat)
-        current.append(d_new * delta_scale + b_hat)
-        previous.append(d * prev_scale + b_hat)
-        b_new = m.base_decay * b + (1 - m.base_decay) * s
-        new_base[i].append(base_codec.encode(b_new))
+        if use_base:
+          b = base_codec.decode(base_leaves[i][j]).astype(dtype)
+          b_hat = b * base_scale
+          d_new = m.decay * d + (1 - m.decay) * (s - b_hat)
+          current.append(d_new * delta_scale + b_hat)
+          previous.append(d * prev_scale + b_hat)
+          b_new = m.base_decay * b + (1 - m.base_decay) * s
+          new_base[i].append(base_codec.encode(b_new))
+        else:
+          d_new = m.decay * d + (1 - m.decay) * s
+          current.append(d_new * delta_scale)
+          previous.append(d * prev_scale)
         new_delta[i].append(delta_codec.encode(d_new))
       new_updates.append(direction(current, previous, gc).astype(g.dtype))
 
-    base = tuple(treedef.unflatten(x) for x in new_base)
+    base = tuple(treedef.unflatten(x) for x in new_base) if use_base else ()
     this_delta = tuple(treedef.unflatten(x) for x in new_delta)
     deltas = tuple(
         this_delta if kk == k else state.deltas[kk]
