@@ -34,7 +34,10 @@ norm scales             (dim,)           (None,)
 ``tp_axis`` defaults to ``None`` (replicated), so a mesh with axes ``('data', 'fsdp')`` can shard
 every parameter: ``jax.device_put(nnx.state(model), nnx.get_named_sharding(nnx.state(model), mesh))``.
 Without an active mesh the annotations are metadata only; when the model is built under
-``jax.set_mesh(mesh)`` the parameters are created sharded.
+``jax.set_mesh(mesh)`` the parameters are created sharded. The forward pass leaves activation
+shardings to the compiler, so meshes should use ``AxisType.Auto`` axes
+(``jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))``); with
+``Explicit`` axes (``jax.make_mesh``'s default) the embedding gather asks for an output sharding.
 """
 
 from __future__ import annotations
