@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import dualoptim_jax as dj
+from dualoptim_jax import instances
 from reference import DualOptimPlusRef, theorem1_fixed_point
 from reference_instances import (adafactor_ref, adam_ref, lion_ref, rmsprop_ref,
                                  sgd_ref)
@@ -133,6 +134,39 @@ def test_first_step_matches_optax(shape):
     expected = 0.2 * trace.update(g, trace.init(g))[0]
     ours = dj.scale_by_dualoptim_plus_sgd(0.8, nesterov, 0.7)
     np.testing.assert_allclose(first_update(ours, g), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lion", "rmsprop", "rmsprop_eps_out", "sgd",
+                                  "sgd_nesterov"])
+def test_without_base_each_instance_is_its_optax_optimizer(name):
+  """With ``use_base=False`` (a plain state per objective) the statistics and
+  direction of an instance are optax's own optimizer, at every step."""
+  moments, direction, plain = {
+      "lion": (instances.lion_moments(0.95, 0.95), instances.lion_direction(0.8),
+               optax.scale_by_lion(0.8, 0.95)),
+      "rmsprop": (instances.rmsprop_moments(0.9, 0.9), instances.rmsprop_direction(0.1, True),
+                  optax.scale_by_rms(0.9, 0.1)),
+      "rmsprop_eps_out": (instances.rmsprop_moments(0.9, 0.9),
+                          instances.rmsprop_direction(0.1, False),
+                          optax.scale_by_rms(0.9, 0.1, eps_in_sqrt=False)),
+      # EMA momentum = (1 - mu) * optax's trace.
+      "sgd": (instances.sgd_moments(0.8, 0.8), instances.sgd_direction(0.8, False),
+              optax.chain(optax.trace(0.8), optax.scale(0.2))),
+      "sgd_nesterov": (instances.sgd_moments(0.8, 0.8), instances.sgd_direction(0.8, True),
+                       optax.chain(optax.trace(0.8, nesterov=True),
+                                   optax.scale(0.2))),
+  }[name]
+  ours = dj.shared_base_moments(moments, direction, use_base=False)
+  theirs = dj.decoupled(plain)
+  params = jax.tree.map(jnp.asarray, make_params())
+  s1, s2 = ours.init(params), theirs.init(params)
+  for n in range(16):
+    k = dj.alternating(1, 3)(n)
+    g = jax.tree.map(jnp.asarray, grads_for(6, n, k, make_params()))
+    (u1, s1), (u2, s2) = ours.update(g, s1, objective=k), theirs.update(
+        g, s2, objective=k)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_adafactor_state_is_factored():
