@@ -142,17 +142,21 @@ def test_without_base_each_instance_is_its_optax_optimizer(name):
   """With ``use_base=False`` (a plain state per objective) the statistics and
   direction of an instance are optax's own optimizer, at every step."""
   moments, direction, plain = {
-      "lion": (instances.lion_moments(0.95, 0.95), instances.lion_direction(0.8),
+      "lion": (instances.lion_moments(0.95, 0.95),
+               instances.lion_direction(0.8),
                optax.scale_by_lion(0.8, 0.95)),
-      "rmsprop": (instances.rmsprop_moments(0.9, 0.9), instances.rmsprop_direction(0.1, True),
+      "rmsprop": (instances.rmsprop_moments(0.9, 0.9),
+                  instances.rmsprop_direction(0.1, True),
                   optax.scale_by_rms(0.9, 0.1)),
       "rmsprop_eps_out": (instances.rmsprop_moments(0.9, 0.9),
                           instances.rmsprop_direction(0.1, False),
                           optax.scale_by_rms(0.9, 0.1, eps_in_sqrt=False)),
       # EMA momentum = (1 - mu) * optax's trace.
-      "sgd": (instances.sgd_moments(0.8, 0.8), instances.sgd_direction(0.8, False),
+      "sgd": (instances.sgd_moments(0.8, 0.8),
+              instances.sgd_direction(0.8, False),
               optax.chain(optax.trace(0.8), optax.scale(0.2))),
-      "sgd_nesterov": (instances.sgd_moments(0.8, 0.8), instances.sgd_direction(0.8, True),
+      "sgd_nesterov": (instances.sgd_moments(0.8, 0.8),
+                       instances.sgd_direction(0.8, True),
                        optax.chain(optax.trace(0.8, nesterov=True),
                                    optax.scale(0.2))),
   }[name]
