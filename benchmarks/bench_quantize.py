@@ -11,7 +11,9 @@ elements), jitted and with donated state buffers:
 
 Each variant runs ``--warmup`` times, then ``--repeats`` rounds in which every
 variant runs once (interleaved, so load changes hit all alike); the table gives
-the median time and its ratio to the float32 version of the same update.
+the median wall time and its ratio to the float32 version of the same update,
+and the same for the fastest round and for the median process CPU time (all
+threads), which are less disturbed on a shared machine.
 
   python benchmarks/bench_quantize.py [--rows 4096 --cols 4096 --repeats 20]
 """
@@ -103,26 +105,34 @@ def main() -> None:
       out = out if isinstance(out, tuple) and n_carry > 1 else (out,)
       state[name] = list(out[:n_carry])
 
-  times = {name: [] for name in variants}
+  wall = {name: [] for name in variants}
+  cpu = {name: [] for name in variants}
   for name in variants:
     for _ in range(args.warmup):
       call(name)
   for _ in tqdm(range(args.repeats), desc="rounds"):
     for name in variants:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       call(name)
-      times[name].append(time.perf_counter() - t0)
+      wall[name].append(time.perf_counter() - t0)
+      cpu[name].append(time.process_time() - c0)
 
-  med = {k: float(np.median(v)) for k, v in times.items()}
+  stats = {
+      "median": {k: float(np.median(v)) for k, v in wall.items()},
+      "min": {k: float(np.min(v)) for k, v in wall.items()},
+      "cpu": {k: float(np.median(v)) for k, v in cpu.items()},
+  }
   base = dict(ema_f32="ema_f32", ema_8bit="ema_f32", adam_f32="adam_f32",
               adam_8bit="adam_f32", encode="ema_f32", decode="ema_f32")
   print(f"{shape[0]}x{shape[1]} = {np.prod(shape) / 1e6:.1f}M elements, "
         f"block_size {args.block_size}, {jax.devices()[0].device_kind}, "
         f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
-  print(f"{'variant':10s} {'median ms':>10s} {'ratio':>6s}  (ratio to {'{'}"
-        f"ema|adam{'}'}_f32)")
-  for name, t in med.items():
-    print(f"{name:10s} {t * 1e3:10.2f} {t / med[base[name]]:6.2f}")
+  print("ms and ratio to the float32 update (ema_f32 for encode/decode)")
+  print(f"{'variant':10s}" + "".join(f"{k + ' ms':>12s} {'ratio':>6s}" for k in stats))
+  for name in variants:
+    print(f"{name:10s}" + "".join(
+        f"{v[name] * 1e3:12.2f} {v[name] / v[base[name]]:6.2f}"
+        for v in stats.values()))
 
 
 if __name__ == "__main__":

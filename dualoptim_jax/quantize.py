@@ -1,4 +1,4 @@
-"""8-bit block-wise dynamic quantization of optimizer states.
+r"""8-bit block-wise dynamic quantization of optimizer states.
 
 This is the codec of Dettmers et al., "8-bit Optimizers via Block-wise
 Quantization" (ICLR 2022), as bitsandbytes implements it, in pure JAX:
@@ -38,6 +38,20 @@ run has already diverged; in float32 the NaN would propagate into the
 parameters, and the 8-bit state keeps it visible in the same way instead of
 silently clipping it to ``±absmax`` or zeroing it.  The codes of such a block
 are deterministic but carry no information.
+
+Accuracy
+--------
+Rounding is to the nearest map value, so an element's error is at most half
+the local spacing: at most 0.70 % (signed map) / 0.35 % (unsigned) of its
+block's absmax, finer for smaller elements (see :func:`quantize_blockwise`).
+Measured on blocks of 256: relative L2 error per block ~1.1 % for Gaussian
+values with the signed map, ~0.6 % for their squares with the unsigned map.
+A state that is decoded, updated and re-encoded every step accumulates these
+errors like any other perturbation of an EMA with decay :math:`\beta`: the
+stored EMA stays within :math:`0.45 \cdot 2^{-F_0} a / (1 - \beta)` of its
+exact value (:math:`a` the largest absmax seen), and an increment smaller than
+half a code spacing leaves the code unchanged (as in bitsandbytes, which also
+rounds to nearest).
 
 Speed
 -----
@@ -201,8 +215,9 @@ _THRESHOLDS = {True: _segment_thresholds(True), False: _segment_thresholds(False
 def _encode(y: jax.Array, signed: bool) -> jax.Array:
   r"""uint8 index of the map value nearest to each float32 ``y``.
 
-  ``y`` is meant to lie in [-1, 1]; larger magnitudes, Inf and NaN get the code
-  of :math:`\pm 1`.  With the unsigned map negative values get the code of 0.
+  ``y`` is meant to lie in [-1, 1]; larger magnitudes and Inf get the code of
+  :math:`\pm 1` (the most negative code for :math:`-1`), NaN the code of 0.
+  With the unsigned map negative values get the code of 0.
 
   Segment ``s`` of the magnitude ``u`` (the number of thresholds ``<= u``,
   found with 8 comparisons) is the decade :math:`e = 7 - s` for ``s`` in 1..7,
@@ -220,8 +235,9 @@ def _encode(y: jax.Array, signed: bool) -> jax.Array:
   decade may be sent to the farther neighbour; decade boundaries are exact.
   """
   f0 = _TOP_FRACTION_BITS[signed]
+  # No clamp needed: above the last threshold (rounding above 1, Inf) the
+  # scale is 0, and for NaN every comparison fails, giving the code of 0.
   u = jnp.abs(y)
-  u = jnp.where(u <= 1.0, u, 1.0)  # NaN, Inf and rounding above 1 -> 1
   first_log2n = f0 - 7  # log2 n of segment 0: -1 (signed) or 0 (unsigned)
   n = jnp.full(y.shape, np.float32(2.0**first_log2n))
   ten = jnp.zeros(y.shape, jnp.float32)
@@ -281,9 +297,7 @@ def _decode(codes: jax.Array, signed: bool) -> jax.Array:
   for e in range(0 if signed else 1, f0 + 1):
     scale = jnp.where(q >= 2**e, scales[e], scale)
   v = jnp.where(q >= 2 ** (f0 + 1), 1.0, k * scale)
-  if signed:
-    v = jnp.where(d < 0, -v, v)
-  return v
+  return _copysign(v, d) if signed else v
 
 
 class QuantizedArray(NamedTuple):
