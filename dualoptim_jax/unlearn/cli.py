@@ -172,16 +172,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     for flag, value in (("--lr", a.lr), ("--finetune-lr", a.finetune_lr)):
         if not (math.isfinite(value) and value > 0):
             parser.error(f"{flag} must be > 0, got {value}")
-    return RunConfig(
-        data_dir=a.data_dir, split=a.split, task_id=a.task_id, loss=a.loss, presets=presets,
-        seeds=_int_list(a.seeds, "--seeds"), steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        forget_lr_scale=a.forget_lr_scale, retain_lr_scale=a.retain_lr_scale, forget_steps=a.forget_steps,
-        retain_steps=a.retain_steps, forget_coef=a.forget_coef, retain_coef=a.retain_coef, beta=a.beta,
-        weight_decay=a.weight_decay, model_size=a.model_size, vocab_size=a.vocab_size, max_len=a.max_len,
-        finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr, finetune_batch_size=a.finetune_batch_size,
-        model_seed=a.model_seed, eval_items=a.eval_items, max_new_tokens=a.max_new_tokens,
-        cache_dir=a.cache_dir, out=a.out, progress=not a.no_progress,
-    )
+    values = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunConfig) if hasattr(a, f.name)}
+    values.update(presets=presets, seeds=_int_list(a.seeds, "--seeds"), progress=not a.no_progress)
+    return RunConfig(**values)
 
 
 # ------------------------------------------------------------------------------------------------
