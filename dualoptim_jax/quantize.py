@@ -60,13 +60,20 @@ gather and no 256-way comparison, so XLA fuses them into the surrounding update
 and never materialises a float32 copy of a quantized state:
 
 * decode: the map value of a code has the closed form of :func:`dynamic_map`,
-  evaluated with one multiply after an 8-way select;
+  evaluated with one multiply after a select among 7 or 8 scales;
 * encode: 8 comparisons against the exact decision thresholds between decades
   find the decade, and the index inside a decade (where the map is linear) is a
   ``floor`` of an affine function;
 * the block absmax is one fused max/min reduction.
 
-See ``benchmarks/bench_quantize.py`` for measured costs.
+Why not a lookup table: on XLA:CPU a gather is not fused into its consumers,
+so every lookup would write a full-size temporary; recomputing the decode in
+each consumer measured faster.  The codec is compute-bound (about 25 vector
+operations per decoded and 50 per encoded element) where a float32 EMA is
+memory-bound: on a shared 2-core CPU an 8-bit EMA step costs ~4x a float32 one
+and an 8-bit Adam update ~2-3x a float32 Adam update
+(``benchmarks/bench_quantize.py``); on accelerators the update is
+memory-bound either way.
 """
 
 from __future__ import annotations
