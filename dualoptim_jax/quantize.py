@@ -72,8 +72,8 @@ each consumer measured faster.  The codec is compute-bound (about 25 vector
 operations per decoded and 50 per encoded element) where a float32 EMA is
 memory-bound: on a shared 2-core CPU an 8-bit EMA step costs ~4x a float32 one
 and an 8-bit Adam update ~2-3x a float32 Adam update
-(``benchmarks/bench_quantize.py``); on accelerators the update is
-memory-bound either way.
+(``benchmarks/bench_quantize.py``).  Accelerators, with far more arithmetic
+per byte of memory traffic, should pay relatively less (not measured here).
 """
 
 from __future__ import annotations
