@@ -15,12 +15,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # The smallest settings that still exercise every stage.
 TINY = ["--model-size", "tiny", "--finetune-steps", "20", "--steps", "2", "--eval-items", "3",
-        "--max-new-tokens", "4", "--vocab-size", "300", "--no-progress"]
+        "--max-new-tokens", "4", "--vocab-size", "300", "--seeds", "0", "--no-progress"]
 
 
 def test_defaults_and_flag_parsing():
     cfg = cli.parse_args([])
-    assert cfg.data_dir is None and cfg.presets == tuple(cli.PRESETS) and cfg.seeds == (0,)
+    assert cfg.data_dir is None and cfg.presets == tuple(cli.PRESETS) and cfg.seeds == (0, 1, 2)
     assert (cfg.forget_steps, cfg.retain_steps, cfg.loss, cfg.out) == (1, 5, "IDK+AP", "results")
     cfg = cli.parse_args(["--presets", "joint, dualoptim_plus", "--seeds", "1,2", "--loss", "npo+kl",
                           "--forget-lr-scale", "2", "--split", "forget05", "--task-id", "3"])
@@ -110,7 +110,7 @@ def test_missing_data_dir_fails_cleanly(tmp_path, capsys):
 def test_real_tofu_forget01_runs_through_data_dir(tmp_path):
     argv = ["--data-dir", str(SHARED), "--split", "forget01", "--task-id", "1", "--model-size", "tiny",
             "--finetune-steps", "30", "--steps", "2", "--eval-items", "5", "--max-new-tokens", "8",
-            "--presets", "dualoptim_plus", "--no-progress", "--cache-dir", str(tmp_path / "c"),
+            "--presets", "dualoptim_plus", "--seeds", "0", "--no-progress", "--cache-dir", str(tmp_path / "c"),
             "--out", str(tmp_path / "o")]
     assert cli.main(argv) == 0
     doc = json.loads((tmp_path / "o" / "results.json").read_text())

@@ -62,7 +62,7 @@ class RunConfig:
     task_id: int | None = None
     loss: str = "IDK+AP"
     presets: tuple[str, ...] = tuple(PRESETS)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
     steps: int | None = None
     epochs: float = 5.0
     batch_size: int = 4
