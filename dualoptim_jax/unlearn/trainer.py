@@ -34,6 +34,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import dualoptim_jax as dj
+from dualoptim_jax.sharding import Placement
 from dualoptim_jax.unlearn.losses import Objective, masked_nll
 
 __all__ = [
@@ -147,15 +148,22 @@ def preset_available(preset: str) -> bool:
 # The functional core: params split off an NNX module, a jitted step per loss.
 
 class _Core:
-    """Parameters, optimizer state and jitted steps for one module and one transform."""
+    """Parameters, optimizer state and jitted steps for one module and one transform.
 
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+    With a ``mesh`` (:func:`dualoptim_jax.sharding.make_mesh`) the parameters are sharded by their
+    annotations, the optimizer state like its parameters and batch rows over the devices; without
+    one everything stays on the default device. The step is the same code either way.
+    """
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, mesh: Any = None):
+        self.placement = Placement(mesh)
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self.source_params = params  # the caller's arrays: never donated
         # Own buffers, since every step donates them.
-        self.params = jax.tree.map(jnp.copy, params)
+        self.params = self.placement.params(params)
+        self.rest = self.placement.replicate(rest)
         self.tx = tx if isinstance(tx, optax.GradientTransformationExtraArgs) else optax.with_extra_args_support(tx)
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = self.placement.init(self.tx, self.params)
         self._steps: dict[Any, Callable] = {}
 
     def apply_fn(self, params: Any, rest: Any) -> Callable[[jax.Array], jax.Array]:
@@ -174,10 +182,11 @@ class _Core:
 
                 (_, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
                 updates, opt_state = self.tx.update(grads, opt_state, params, **tx_kwargs)
-                return optax.apply_updates(params, updates), opt_state, aux
+                return *self.placement.constrain(optax.apply_updates(params, updates), opt_state), aux
 
             self._steps[key] = jax.jit(update, donate_argnums=(0, 1))
-        self.params, self.opt_state, aux = self._steps[key](self.params, self.opt_state, self.rest, ref_params, batches)
+        self.params, self.opt_state, aux = self._steps[key](self.params, self.opt_state, self.rest, ref_params,
+                                                            self.placement.batch(batches))
         return aux
 
     def export(self) -> nnx.Module:
@@ -223,9 +232,11 @@ class Unlearner:
       mode: ``"joint"`` or ``"alternate"``.
       forget_steps, retain_steps: ``F_f``, ``F_r`` >= 1 of the alternating schedule.
       ref_model: frozen reference for NPO / DPO / KL; default: ``model`` as it is now.
+      mesh: a ``('data', 'fsdp')`` mesh (:func:`dualoptim_jax.sharding.make_mesh`) to train
+        FSDP-sharded on; None: the default device.
 
     The state to checkpoint for an exact resume is :meth:`state_dict` plus the two batch
-    iterators' ``state_dict()``.
+    iterators' ``state_dict()`` (:mod:`dualoptim_jax.unlearn.checkpoint` does both with orbax).
     """
 
     def __init__(
@@ -238,6 +249,7 @@ class Unlearner:
         forget_steps: int = 1,
         retain_steps: int = 5,
         ref_model: nnx.Module | None = None,
+        mesh: Any = None,
     ):
         if mode not in ("joint", "alternate"):
             raise ValueError(f"mode must be 'joint' or 'alternate', got {mode!r}")
@@ -245,10 +257,11 @@ class Unlearner:
         self.objective = objective
         self.mode = mode
         self.forget_steps, self.retain_steps = forget_steps, retain_steps
-        self._core = _Core(model, tx)
+        self._core = _Core(model, tx, mesh)
         self.ref_params = None
         if objective.needs_reference:
-            self.ref_params = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
+            ref = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
+            self.ref_params = self._core.placement.like_params(ref)
         self.update_count = 0
         self._losses = {
             "joint": self._joint_loss,
@@ -294,8 +307,12 @@ class Unlearner:
         *,
         progress: bool = True,
         desc: str = "unlearn",
+        on_update: Callable[[int, dict[str, float]], None] | None = None,
     ) -> LossHistory:
-        """``num_updates`` calls of :meth:`step`, with a progress bar showing both losses."""
+        """``num_updates`` calls of :meth:`step`, with a progress bar showing both losses.
+
+        ``on_update(update, losses)`` runs after each update (e.g. to checkpoint).
+        """
         if num_updates < 0:
             raise ValueError(f"num_updates must be >= 0, got {num_updates}")
         rows = []
@@ -309,6 +326,8 @@ class Unlearner:
                              losses.get("retain", math.nan)))
                 bar.set_postfix(forget=f"{last['forget']:.4g}", retain=f"{last['retain']:.4g}", refresh=False)
                 bar.update()
+                if on_update is not None:
+                    on_update(update, losses)
         cols = list(zip(*rows)) if rows else [(), (), (), ()]
         return LossHistory(np.asarray(cols[0], np.int64), np.asarray(cols[1], np.int64),
                            np.asarray(cols[2], np.float64), np.asarray(cols[3], np.float64))
@@ -321,6 +340,11 @@ class Unlearner:
     @property
     def params(self) -> Any:
         return self._core.params
+
+    @property
+    def opt_state(self) -> Any:
+        """The live optimizer state (donated to the next step: copy what you keep)."""
+        return self._core.opt_state
 
     def state_dict(self) -> dict[str, Any]:
         """``{"params", "opt_state", "update"}``: what a checkpoint needs besides the batch iterators.
@@ -337,8 +361,8 @@ class Unlearner:
             if mine != theirs:
                 raise ValueError(f"cannot resume: saved {name} do not match this model/optimizer "
                                  f"({theirs.num_leaves} leaves saved, {mine.num_leaves} expected)")
-        self._core.params = jax.tree.map(jnp.copy, state["params"])
-        self._core.opt_state = jax.tree.map(jnp.copy, state["opt_state"])
+        self._core.params = self._core.placement.put(state["params"], "params")
+        self._core.opt_state = self._core.placement.put(state["opt_state"], "opt_state")
         self.update_count = int(state["update"])
 
 
@@ -363,6 +387,7 @@ def unlearn(
     retain_steps: int = 5,
     ref_model: nnx.Module | None = None,
     progress: bool = True,
+    mesh: Any = None,
 ) -> UnlearnResult:
     """Unlearns with a named preset: :func:`make_optimizer` + :class:`Unlearner` + ``run``.
 
@@ -371,7 +396,7 @@ def unlearn(
     tx = make_optimizer(preset, learning_rate, forget_lr_scale=forget_lr_scale,
                         retain_lr_scale=retain_lr_scale, weight_decay=weight_decay)
     runner = Unlearner(model, objective, tx, mode=PRESETS[preset].mode, forget_steps=forget_steps,
-                       retain_steps=retain_steps, ref_model=ref_model)
+                       retain_steps=retain_steps, ref_model=ref_model, mesh=mesh)
     history = runner.run(forget_batches, retain_batches, num_updates, progress=progress, desc=preset)
     return UnlearnResult(runner.model, history)
 
@@ -398,13 +423,15 @@ def finetune(
     *,
     progress: bool = True,
     desc: str = "fine-tune",
+    mesh: Any = None,
 ) -> FinetuneResult:
     """Fine-tunes on the answer-token NLL (the TOFU fine-tuning loss): the "TOFU-tuned" model on
     all QA, or the retain-only model on the retain set. Returns a new model; ``model`` is unchanged.
+    ``mesh``: train FSDP-sharded on it (see :class:`Unlearner`).
     """
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    core = _Core(model, tx)
+    core = _Core(model, tx, mesh)
     losses = np.empty(num_steps, np.float64)
     with _progress(num_steps, desc, progress) as bar:
         for i in range(num_steps):
