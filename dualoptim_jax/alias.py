@@ -53,6 +53,12 @@ def dualoptim_plus(
     lr_scales: Sequence[float] | None = None,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     mu_dtype: Any = None,
+    state_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_base: bool = True,
+    quantize_delta: bool = True,
+    keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ with decoupled weight decay (AdamW form).
 
@@ -66,7 +72,14 @@ def dualoptim_plus(
     num_objectives: K.
     lr_scales: per-objective learning-rate multipliers (e.g. forget, retain).
     mask: weight-decay mask, as ``optax.adamw``'s.
-    mu_dtype: dtype of the stored moments.
+    mu_dtype: dtype of the float moments.
+    state_bits: 32, or 8 for block-wise 8-bit moments ("DO+ 8bit").
+    block_size: elements per 8-bit block (default 256, as bitsandbytes).
+    min_8bit_size: moments of fewer elements stay float.
+    quantize_base: with 8 bits, quantize the shared base.
+    quantize_delta: with 8 bits, quantize the per-objective deltas.
+    keep_fp32: predicate on the parameter's path string that keeps its moments
+      float (e.g. ``lambda path: "embed" in path``).
 
   Example:
     >>> import jax.numpy as jnp, optax, dualoptim_jax as dj
@@ -80,6 +93,9 @@ def dualoptim_plus(
       transform.scale_by_dualoptim_plus(
           b1, b2, base_b1, base_b2, eps,
           num_objectives=num_objectives, mu_dtype=mu_dtype,
+          state_bits=state_bits, block_size=block_size,
+          min_8bit_size=min_8bit_size, quantize_base=quantize_base,
+          quantize_delta=quantize_delta, keep_fp32=keep_fp32,
       ),
       learning_rate, weight_decay, mask, lr_scales, num_objectives,
   )
@@ -96,18 +112,53 @@ def dualoptim(
     lr_scales: Sequence[float] | None = None,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     mu_dtype: Any = None,
+    state_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim (one Adam state per objective) with decoupled weight decay.
 
   See :func:`~dualoptim_jax.scale_by_dualoptim`. With a constant learning rate
   and all ``lr_scales`` 1, objective k's parameter updates equal those of an
-  ``optax.adamw`` fed only objective k's gradients.
+  ``optax.adamw`` fed only objective k's gradients. ``state_bits=8`` ("DO
+  8bit") and the other storage options are as in :func:`dualoptim_plus`.
   """
   return _with_decay_and_lr(
       transform.scale_by_dualoptim(
-          b1, b2, eps, num_objectives=num_objectives, mu_dtype=mu_dtype
+          b1, b2, eps, num_objectives=num_objectives, mu_dtype=mu_dtype,
+          state_bits=state_bits, block_size=block_size,
+          min_8bit_size=min_8bit_size, keep_fp32=keep_fp32,
       ),
       learning_rate, weight_decay, mask, lr_scales, num_objectives,
+  )
+
+
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: float = 1e-4,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    keep_fp32: Callable[[str], bool] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.adamw`` with block-wise 8-bit moments: the single-objective baseline.
+
+  Same arguments and defaults as ``optax.adamw`` (``nesterov`` aside); its
+  ``update`` takes no ``objective``. See :func:`~dualoptim_jax.scale_by_adam_8bit`.
+  """
+  return _with_decay_and_lr(
+      transform.scale_by_adam_8bit(
+          b1, b2, eps, eps_root, mu_dtype, block_size=block_size,
+          min_8bit_size=min_8bit_size, keep_fp32=keep_fp32,
+      ),
+      learning_rate, weight_decay, mask, None, 1,
   )
 
 

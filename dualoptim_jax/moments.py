@@ -86,8 +86,9 @@ class MomentCodec(NamedTuple):
   decode: Callable[[Any], Array]
 
 
-# (path of the parameter, the parameter's global shape and dtype, moment index,
-#  is_base, nonnegative statistic) -> codec. Decided from global shapes only, so
+# (path of the parameter, the stored moment's global shape and the parameter's
+#  dtype, moment index, is_base, whether the stored value is never negative)
+#  -> codec. Decided from global shapes only, so
 # every shard of a sharded parameter makes the same choice.
 StoragePolicy = Callable[
     [tuple, jax.ShapeDtypeStruct, int, bool, bool], MomentCodec
@@ -186,7 +187,7 @@ def shared_base_moments(
     storage: StoragePolicy | None = None,
     use_base: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds a DualOptim+ transform from moments and a direction.
+  r"""Builds a DualOptim+ transform from moments and a direction.
 
   Args:
     moments: the stored statistics of the optimizer.
@@ -214,19 +215,26 @@ def shared_base_moments(
   storage = storage or float_storage()
 
   def codecs_for(tree):
-    """Per leaf: (codec of the base, codec of the deltas) for every moment."""
+    """Per leaf: (codec of the base, codec of the deltas) for every moment.
+
+    Chosen from the stored moment's global shape (a factored moment is smaller
+    than its parameter). A delta is a difference of statistics, so it can be
+    negative, unless there is no base and it is the plain EMA of ``s(g)``.
+    """
     leaves, _ = jax.tree.flatten(tree)
     paths = _leaf_paths(tree)
-    return [
-        [
-            (
-                storage(path, _spec(leaf), i, True, m.nonnegative),
-                storage(path, _spec(leaf), i, False, False),
-            )
-            for i, m in enumerate(moments)
-        ]
-        for path, leaf in zip(paths, leaves)
-    ]
+    out = []
+    for path, leaf in zip(paths, leaves):
+      per_moment = []
+      for i, m in enumerate(moments):
+        spec = jax.eval_shape(m.statistic, _spec(leaf))
+        spec = jax.ShapeDtypeStruct(spec.shape, jnp.result_type(leaf))
+        per_moment.append((
+            storage(path, spec, i, True, m.nonnegative),
+            storage(path, spec, i, False, m.nonnegative and not use_base),
+        ))
+      out.append(per_moment)
+    return out
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
@@ -235,7 +243,7 @@ def shared_base_moments(
     def moment_tree(i, which):
       out = []
       for leaf, leaf_codecs in zip(leaves, codecs):
-        spec = jax.eval_shape(moments[i].statistic, leaf)
+        spec = jax.eval_shape(moments[i].statistic, _spec(leaf))
         out.append(leaf_codecs[i][which].init(spec))
       return treedef.unflatten(out)
 

@@ -33,6 +33,15 @@ Objective = int | jax.Array
 
 def validate_num_objectives(num_objectives: Any) -> int:
   """Checks ``num_objectives`` is a positive Python int and returns it."""
+  if isinstance(num_objectives, jax.core.Tracer):
+    raise ValueError(
+        "num_objectives decides the optimizer state's layout and must be "
+        "static; with optax.inject_hyperparams pass "
+        "static_args=dj.static_hyperparams(<optimizer>)."
+    )
+  if isinstance(num_objectives, (jax.Array, np.ndarray)) and np.ndim(num_objectives) == 0:
+    if jnp.issubdtype(num_objectives.dtype, jnp.integer):
+      num_objectives = int(num_objectives)
   if (
       isinstance(num_objectives, bool)
       or not isinstance(num_objectives, numbers.Integral)
@@ -58,6 +67,8 @@ def check_objective(objective: Any, num_objectives: int) -> Objective:
     ValueError: if the objective is missing, not an integer scalar, or (when
       its value is known, eagerly or statically) outside ``[0, num_objectives)``.
   """
+  if objective is None and num_objectives == 1:
+    return 0
   if objective is None:
     raise ValueError(
         "This transform needs the active objective: call "

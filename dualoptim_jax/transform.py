@@ -22,7 +22,8 @@ from optax._src import numerics
 from dualoptim_jax import objective as objective_lib
 from dualoptim_jax.decoupled import decoupled
 from dualoptim_jax.moments import Moment, StoragePolicy, check_decay, is_traced
-from dualoptim_jax.moments import float_storage, shared_base_moments
+from dualoptim_jax.moments import shared_base_moments
+from dualoptim_jax.storage import state_storage
 
 
 def check_eps(eps: Any) -> float:
@@ -48,15 +49,35 @@ def adam_moments(
   )
 
 
-def adam_direction(eps: float):
-  """``m / (sqrt(|v|) + eps)``; ``|.|`` because a delta estimate can go negative."""
+def adam_direction(eps: float, eps_root: float = 0.0):
+  """``m / (sqrt(|v| + eps_root) + eps)``; ``|.|`` as a delta estimate can go negative."""
 
   def direction(current, previous, g):
     del previous, g
     m, v = current
-    return m / (jnp.sqrt(jnp.abs(v)) + eps)
+    v = jnp.abs(v)
+    if eps_root:
+      v = v + eps_root
+    return m / (jnp.sqrt(v) + eps)
 
   return direction
+
+
+def adam_storage(
+    mu_dtype: Any,
+    state_bits: int,
+    block_size: int,
+    min_8bit_size: int,
+    keep_fp32: Any,
+    quantize_base: bool = True,
+    quantize_delta: bool = True,
+) -> StoragePolicy:
+  """The storage policy the Adam-form transforms build from their options."""
+  return state_storage(
+      state_bits=state_bits, block_size=block_size, min_8bit_size=min_8bit_size,
+      quantize_base=quantize_base, quantize_delta=quantize_delta,
+      keep_fp32=keep_fp32, dtype=mu_dtype,
+  )
 
 
 def scale_by_dualoptim_plus(
@@ -68,6 +89,12 @@ def scale_by_dualoptim_plus(
     *,
     num_objectives: int = 2,
     mu_dtype: Any = None,
+    state_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_base: bool = True,
+    quantize_delta: bool = True,
+    keep_fp32: Callable[[str], bool] | None = None,
     storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ (shared base + decoupled deltas, Adam form).
@@ -99,11 +126,19 @@ def scale_by_dualoptim_plus(
     base_b2: decay of the shared second-moment base, in [0, 1).
     eps: added to the denominator, >= 0.
     num_objectives: K >= 1 objectives, each with its own deltas.
-    mu_dtype: dtype of every stored moment (default: the parameters' dtype),
+    mu_dtype: dtype of every float moment (default: the parameters' dtype),
       e.g. ``jnp.float32`` for bfloat16 parameters. Maths runs in float32 (or
       float64 for float64 states).
-    storage: advanced: a :data:`~dualoptim_jax.moments.StoragePolicy` choosing
-      each moment leaf's storage (overrides ``mu_dtype``); used for 8-bit states.
+    state_bits: 32, or 8 for block-wise 8-bit moments (see
+      :func:`~dualoptim_jax.state_storage`).
+    block_size: elements per 8-bit block.
+    min_8bit_size: moments of fewer elements stay float.
+    quantize_base: with ``state_bits=8``, quantize the shared base.
+    quantize_delta: with ``state_bits=8``, quantize the deltas.
+    keep_fp32: predicate on the parameter's path string keeping its moments
+      float (e.g. ``lambda path: "embed" in path``).
+    storage: advanced: a :data:`~dualoptim_jax.moments.StoragePolicy`
+      (overrides the storage options above).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
@@ -122,7 +157,10 @@ def scale_by_dualoptim_plus(
       adam_moments(b1, b2, base_b1, base_b2),
       adam_direction(eps),
       num_objectives=num_objectives,
-      storage=storage or float_storage(mu_dtype),
+      storage=storage or adam_storage(
+          mu_dtype, state_bits, block_size, min_8bit_size, keep_fp32,
+          quantize_base, quantize_delta,
+      ),
   )
 
 
@@ -142,7 +180,10 @@ def scale_by_dualoptim(
     *,
     num_objectives: int = 2,
     mu_dtype: Any = None,
-    inner: optax.GradientTransformation | None = None,
+    state_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim: a separate Adam state per objective.
 
@@ -154,7 +195,10 @@ def scale_by_dualoptim(
     v_k \leftarrow \beta_2 v_k + (1-\beta_2) g^2 \\
     u &= \frac{m_k / (1-\beta_1^{t_k})}{\sqrt{v_k / (1-\beta_2^{t_k})} + \epsilon}
 
-  Exactly :func:`~dualoptim_jax.decoupled` around ``optax.scale_by_adam``.
+  With float states this is exactly :func:`~dualoptim_jax.decoupled` around
+  ``optax.scale_by_adam``. With ``state_bits=8`` it is the shared-base
+  mechanism without a base (``use_base=False``), whose per-objective moments are
+  the Adam moments, stored in 8 bits.
 
   Args:
     b1: first-moment decay, in [0, 1).
@@ -162,20 +206,58 @@ def scale_by_dualoptim(
     eps: added to the denominator, >= 0.
     num_objectives: K >= 1.
     mu_dtype: dtype of both stored moments (default: the parameters' dtype).
-    inner: advanced: the per-objective transform (default
-      ``optax.scale_by_adam(b1, b2, eps)``); used for 8-bit states.
+    state_bits: 32, or 8 for block-wise 8-bit moments.
+    block_size: elements per 8-bit block.
+    min_8bit_size: moments of fewer elements stay float.
+    keep_fp32: predicate on the parameter's path string keeping its moments
+      float.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
+    An ``optax.GradientTransformationExtraArgs``. Its state is a
     :class:`~dualoptim_jax.decoupled.DecoupledState` holding K
-    ``optax.ScaleByAdamState``.
+    ``optax.ScaleByAdamState`` (float) or a
+    :class:`~dualoptim_jax.moments.SharedBaseState` with ``base=()`` and
+    ``deltas[k] = (m_k, v_k)`` (8-bit).
   """
   check_decay("b1", b1)
   check_decay("b2", b2)
   check_eps(eps)
-  if inner is None:
-    inner = _cast_params(optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype), mu_dtype)
+  storage = adam_storage(mu_dtype, state_bits, block_size, min_8bit_size, keep_fp32)
+  if state_bits == 8:
+    return shared_base_moments(
+        adam_moments(b1, b2, b1, b2), adam_direction(eps),
+        num_objectives=num_objectives, storage=storage, use_base=False,
+    )
+  inner = _cast_params(optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype), mu_dtype)
   return decoupled(inner, num_objectives=num_objectives)
+
+
+def scale_by_adam_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    keep_fp32: Callable[[str], bool] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.scale_by_adam`` with block-wise 8-bit moments (bitsandbytes-style).
+
+  The single-objective, base-free instance of the shared-base mechanism; its
+  ``update`` needs no ``objective``. Moments with fewer than ``min_8bit_size``
+  elements (or kept by ``keep_fp32``) stay in ``mu_dtype``.
+  """
+  check_decay("b1", b1)
+  check_decay("b2", b2)
+  check_eps(eps)
+  check_eps(eps_root)
+  return shared_base_moments(
+      adam_moments(b1, b2, b1, b2), adam_direction(eps, eps_root),
+      num_objectives=1, use_base=False,
+      storage=adam_storage(mu_dtype, 8, block_size, min_8bit_size, keep_fp32),
+  )
 
 
 class ScaleByObjectiveLearningRateState(NamedTuple):

@@ -97,7 +97,7 @@ def test_conditionally_transform(make):
 
 
 def test_inject_hyperparams(make):
-  tx = optax.inject_hyperparams(make, static_args=("num_objectives",),
+  tx = optax.inject_hyperparams(make, static_args=dj.static_hyperparams(make),
                                 hyperparam_dtype=jnp.float32)(learning_rate=1e-2)
   injected, state = drive(tx)
   plain, _ = drive(make(1e-2))
@@ -164,3 +164,11 @@ def test_nnx_optimizer_traced_objective(make):
   for n in range(3):
     train_step(model, opt, jnp.int32(n % 2))
   assert np.all(np.isfinite(np.asarray(model.lin.kernel[...])))
+
+
+def test_inject_hyperparams_without_static_layout_args_explains():
+  tx = optax.inject_hyperparams(dj.dualoptim_plus, hyperparam_dtype=jnp.float32)(
+      learning_rate=1e-2)
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match=r"static_args=dj.static_hyperparams"):
+    jax.jit(lambda s: tx.update(grads(0, 0), s, PARAMS, objective=0))(state)
