@@ -129,12 +129,12 @@ def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: int) -> dict[str
       raise ValueError(
           f"mesh spec {text!r}: size of {name!r} must be a positive int or -1, got {size}")
     sizes[name] = size
+  if sum(s == -1 for s in sizes.values()) > 1:
+    raise ValueError(f"mesh spec {text!r}: at most one axis may be -1")
   free = [a for a in MESH_AXES if sizes.get(a, -1) == -1]
   if len(free) == len(MESH_AXES):  # nothing fixed: all devices on fsdp
     sizes = {"data": 1}
     free = ["fsdp"]
-  if len(free) > 1 and any(a in sizes for a in free):
-    raise ValueError(f"mesh spec {text!r}: at most one axis may be -1")
   fixed = math.prod(s for a, s in sizes.items() if a not in free)
   if free:
     if num_devices % fixed:
