@@ -1,0 +1,93 @@
+"""The benchmark scripts run (``--quick``) and write JSON with the documented keys.
+
+These tests check that the scripts work, never what they measure: timings on a
+shared machine are not test material.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+COMMON_KEYS = {"benchmark", "machine", "notes", "results"}
+ROW_KEYS = {
+    "bench_update.py": {"size", "params", "optimizer", "objective", "compiler_options",
+                        "median_ms", "ratio_to_adamw", "ratio_to_static", "min_bytes_per_param",
+                        "gb_per_s", "fraction_of_triad", "hlo_bytes_per_param", "hlo_copies"},
+    "bench_memory.py": {"optimizer", "params", "state_bytes", "bytes_per_param",
+                        "touched_bytes_per_param"},
+    "bench_train_step.py": {"preset", "objective", "median_ms", "tokens_per_s",
+                            "ratio_to_adamw"},
+    "bench_compile.py": {"optimizer", "program", "compiler_options", "lower_s", "compile_s",
+                         "total_s"},
+}
+
+
+def run_quick(script: str, tmp_path: pathlib.Path, *extra: str) -> dict:
+  out = tmp_path / f"{script}.json"
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *extra],
+      capture_output=True, text=True, timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "|" in proc.stdout  # the table was printed
+  return json.loads(out.read_text())
+
+
+def check_rows(script: str, payload: dict) -> list[dict]:
+  assert COMMON_KEYS <= payload.keys()
+  rows = payload["results"]
+  assert rows, "no result rows"
+  for row in rows:
+    missing = ROW_KEYS[script] - row.keys()
+    assert not missing, f"{script}: row {row} lacks {missing}"
+  return rows
+
+
+def test_bench_memory_quick(tmp_path):
+  rows = check_rows("bench_memory.py", run_quick("bench_memory.py", tmp_path))
+  by_name = {r["optimizer"]: r for r in rows}
+  # The state sizes follow from the state layouts: Adam keeps 2 moments, DualOptim 2 per
+  # objective (K = 2), DualOptim+ 2 base + 2 per objective; counters add a few bytes.
+  assert by_name["optax.adamw"]["bytes_per_param"] == pytest.approx(8, rel=1e-2)
+  assert by_name["dualoptim"]["bytes_per_param"] == pytest.approx(16, rel=1e-2)
+  assert by_name["dualoptim_plus"]["bytes_per_param"] == pytest.approx(24, rel=1e-2)
+  assert by_name["dualoptim_plus"]["touched_bytes_per_param"] == pytest.approx(16, rel=1e-2)
+
+
+def test_bench_update_quick(tmp_path):
+  rows = check_rows("bench_update.py", run_quick(
+      "bench_update.py", tmp_path, "--optimizers", "dualoptim_plus", "--options", "region"))
+  kinds = {(r["optimizer"], r["objective"]) for r in rows}
+  assert {("optax.adamw", "-"), ("dualoptim_plus", "static"), ("dualoptim_plus", "traced"),
+          ("triad", "triad")} <= kinds
+  for r in rows:
+    assert r["median_ms"] > 0 and r["gb_per_s"] > 0
+    if r["optimizer"] == "optax.adamw":
+      assert r["ratio_to_adamw"] == pytest.approx(1.0)
+      # g, p, m, v read; p, m, v written (the step counters add a few bytes).
+      assert r["min_bytes_per_param"] == pytest.approx(28, rel=1e-3)
+    if r["optimizer"] == "dualoptim_plus":
+      assert r["min_bytes_per_param"] == pytest.approx(44, rel=1e-3)  # + 2 base arrays, read, written
+
+
+@pytest.mark.slow
+def test_bench_update_quick_all_options(tmp_path):
+  check_rows("bench_update.py", run_quick("bench_update.py", tmp_path))
+
+
+@pytest.mark.slow
+def test_bench_compile_quick(tmp_path):
+  rows = check_rows("bench_compile.py", run_quick("bench_compile.py", tmp_path))
+  assert any(r["program"] == "traced" for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_train_step_quick(tmp_path):
+  rows = check_rows("bench_train_step.py", run_quick("bench_train_step.py", tmp_path))
+  assert any(r["preset"] == "optax.adamw" for r in rows)
+  assert all(r["tokens_per_s"] > 0 for r in rows)
