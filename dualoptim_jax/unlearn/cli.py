@@ -42,7 +42,7 @@ from flax import nnx
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, report
+from dualoptim_jax.unlearn import metrics, pretrained, report
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.trainer import PRESETS, finetune, make_optimizer, preset_available, unlearn
 
@@ -75,6 +75,11 @@ class RunConfig:
     retain_coef: float = 1.0
     beta: float = 0.1
     weight_decay: float = 0.01
+    model: str | None = None
+    model_layers: int | None = None
+    forget_items: int | None = None
+    retain_items: int | None = None
+    finetune_epochs: float | None = None
     model_size: str = "small"
     vocab_size: int | None = None
     max_len: int = 256
@@ -121,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=d.beta, help="beta of NPO / SimNPO / DPO / AP")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model,
+                   help="start from a pretrained LM: 'smollm2', a .gguf file or a HF safetensors directory "
+                        "(then the defaults change to a CPU-sized run: see dualoptim_jax.unlearn.pretrained)")
+    g.add_argument("--model-layers", type=int, default=d.model_layers,
+                   help="keep only the first N blocks of --model (smoke tests)")
+    g.add_argument("--forget-items", type=int, default=d.forget_items, help="first N forget items (0: all)")
+    g.add_argument("--retain-items", type=int, default=d.retain_items, help="first N evaluated retain items (0: all)")
+    g.add_argument("--finetune-epochs", type=float, default=d.finetune_epochs,
+                   help="fine-tuning epochs (overrides --finetune-steps)")
     g.add_argument("--model-size", default=d.model_size, choices=sorted(MODEL_SIZES))
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary (default 1024 built-in, 4096 files)")
     g.add_argument("--max-len", type=int, default=d.max_len, help="longest tokenised question + answer")
@@ -151,6 +165,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     """Parses and validates the flags into a :class:`RunConfig`."""
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.model is not None:  # a pretrained model: CPU-sized defaults for the flags not given
+        parser.set_defaults(**pretrained.DEFAULTS)
+        a = parser.parse_args(argv)
     presets = tuple(p.strip() for p in a.presets.split(",") if p.strip())
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
@@ -165,6 +182,12 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
                              ("--max-new-tokens", a.max_new_tokens, 1), ("--max-len", a.max_len, 8)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--model-layers", a.model_layers), ("--forget-items", a.forget_items),
+                        ("--retain-items", a.retain_items)):
+        if value is not None and value < (1 if flag == "--model-layers" else 0):
+            parser.error(f"{flag} must be >= {1 if flag == '--model-layers' else 0}, got {value}")
+    if a.finetune_epochs is not None and not a.finetune_epochs > 0:
+        parser.error(f"--finetune-epochs must be > 0, got {a.finetune_epochs}")
     if a.steps is not None and a.steps < 1:
         parser.error(f"--steps must be >= 1, got {a.steps}")
     if not a.epochs > 0:
@@ -239,28 +262,40 @@ def load_params(model: nnx.Module, path: Path) -> None:
 
 
 def tuned_model(kind: str, items: Sequence[D.QAItem], tok: Tokenizer, cfg: RunConfig, cache: Path,
-                log=print) -> nnx.Module:
-    """A Llama fine-tuned from scratch on ``items`` (answer-token NLL), loaded from cache if there."""
-    model_cfg = MODEL_SIZES[cfg.model_size](tok.vocab_size)
+                log=print, *, init: nnx.Module | None = None, init_key: str | None = None) -> nnx.Module:
+    """A Llama fine-tuned on ``items`` (answer-token NLL), loaded from cache if there.
+
+    From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged)
+    whose weights ``init_key`` names in the cache key.
+    """
     pairs = [(it.question, it.answer) for it in items]
-    key = _digest(_CACHE_VERSION, kind, pairs, tok.hf_tokenizer.to_str(), dataclasses.asdict(model_cfg),
-                  cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_batch_size, cfg.model_seed, cfg.max_len)
-    path = cache / "models" / f"{kind}-{cfg.model_size}-{key}.npz"
-    model = Llama(model_cfg, rngs=nnx.Rngs(cfg.model_seed))
+    steps = cfg.finetune_steps if cfg.finetune_epochs is None else pretrained.finetune_steps(
+        len(pairs), cfg.finetune_epochs, cfg.finetune_batch_size)
+    if init is None:
+        model_cfg = MODEL_SIZES[cfg.model_size](tok.vocab_size)
+        init_key, name = dataclasses.asdict(model_cfg), cfg.model_size
+        model = Llama(model_cfg, rngs=nnx.Rngs(cfg.model_seed))
+    else:
+        model, name = init, "pretrained"
+    key = _digest(_CACHE_VERSION, kind, pairs, tok.hf_tokenizer.to_str(), init_key,
+                  steps, cfg.finetune_lr, cfg.finetune_batch_size, cfg.model_seed, cfg.max_len)
+    path = cache / "models" / f"{kind}-{name}-{key}.npz"
     if path.is_file():
+        if init is not None:  # load into a copy: the pretrained model stays as it is
+            model = nnx.merge(*nnx.split(model))
         load_params(model, path)
         log(f"[{kind}] loaded cached model {path}")
         return model
     arrays = D.encode_pairs(tok, pairs, cfg.max_len)
-    warmup = min(50, max(cfg.finetune_steps // 10, 1))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.finetune_lr, warmup, max(cfg.finetune_steps, warmup + 1),
+    warmup = min(50, max(steps // 10, 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.finetune_lr, warmup, max(steps, warmup + 1),
                                                   cfg.finetune_lr * 0.1)
     t0 = time.perf_counter()
     result = finetune(model, D.BatchIterator(arrays, cfg.finetune_batch_size, seed=cfg.model_seed),
-                      optax.adamw(schedule, weight_decay=0.01), cfg.finetune_steps, progress=cfg.progress,
+                      optax.adamw(schedule, weight_decay=0.01), steps, progress=cfg.progress,
                       desc=f"fine-tune {kind}")
     tail = result.losses[-10:].mean() if len(result.losses) else float("nan")
-    log(f"[{kind}] fine-tuned {cfg.finetune_steps} steps on {len(items)} QA in {time.perf_counter() - t0:.0f}s "
+    log(f"[{kind}] fine-tuned {steps} steps on {len(items)} QA in {time.perf_counter() - t0:.0f}s "
         f"(final NLL {tail:.3f}); cached at {path}")
     save_params(result.model, path)
     return result.model
@@ -282,15 +317,23 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     data = load_data(cfg)
     log(data.summary())
     cache = _cache_dir(cfg)
-    vocab = cfg.vocab_size or (1024 if cfg.data_dir is None else 4096)
-    tok = Tokenizer.train(corpus(data), vocab_size=vocab, cache_path=cache / "tokenizers")
-    log(f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; devices: {jax.devices()}")
-
-    general = data.real_authors + data.world_facts
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    base = tuned_model("full", data.forget + data.retain + general, tok, cfg, cache, log)
-    retain_only = tuned_model("retain", data.retain + general, tok, cfg, cache, log)
+    if cfg.model is None:
+        vocab = cfg.vocab_size or (1024 if cfg.data_dir is None else 4096)
+        tok = Tokenizer.train(corpus(data), vocab_size=vocab, cache_path=cache / "tokenizers")
+        log(f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; devices: {jax.devices()}")
+        general = data.real_authors + data.world_facts
+        base = tuned_model("full", data.forget + data.retain + general, tok, cfg, cache, log)
+        retain_only = tuned_model("retain", data.retain + general, tok, cfg, cache, log)
+    else:  # a pretrained LM brings its general knowledge: tune on forget + retain only
+        data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
+        log(data.summary())
+        start, tok, start_key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
+        log(pretrained.describe(start, cfg.model, start_key) + f"; devices: {jax.devices()}")
+        base = tuned_model("full", data.forget + data.retain, tok, cfg, cache, log, init=start, init_key=start_key)
+        retain_only = tuned_model("retain", data.retain, tok, cfg, cache, log, init=start, init_key=start_key)
+        del start
     timings["models_s"] = time.perf_counter() - t0
 
     def evaluate(model, retain_only_ratios=None):
