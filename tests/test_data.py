@@ -250,6 +250,15 @@ def test_tokenize_unlearning_set_pairs_true_and_idk_answers(synth):
     assert set(arrays) == {"input_ids", "answer_mask", "token_mask", "idk_input_ids", "idk_answer_mask", "idk_token_mask"}
     assert all(np.array_equal(arrays[k], again[k]) for k in arrays)
     assert len({v.shape for v in arrays.values()}) == 1
+    # The length fits the longest refusal whatever the seed picks, so shapes do not vary with it.
+    prompt = lambda it: 1 + len(f"Question: {it.question}\nAnswer:")  # <bos> + one token per character
+    longest = max(max(prompt(it) + len(" " + it.answer) + 1 for it in synth.forget[:6]),
+                  max(prompt(it) for it in synth.forget[:6]) + len(" Unknown.") + 1)
+    short = D.tokenize_unlearning_set(tok, [D.QAItem("Q?", "a")], ["No idea.", "Unknown."], 128, seed=0)
+    assert short["input_ids"].shape == (1, prompt(D.QAItem("Q?", "a")) + len(" Unknown.") + 1)
+    for seed in range(4):
+        other = D.tokenize_unlearning_set(tok, synth.forget[:6], ["No idea.", "Unknown."], 128, seed=seed)
+        assert other["input_ids"].shape == (6, longest)
     for b in range(6):
         ids, mask = arrays["idk_input_ids"][b], arrays["idk_answer_mask"][b]
         assert tok.decode(ids[mask > 0]) in (" No idea.", " Unknown.")

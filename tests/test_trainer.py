@@ -241,3 +241,15 @@ def test_unlearning_lowers_forget_probability_far_more_than_retain(tuned):
     assert f_drop > 0.5
     assert f_drop > 10 * max(r_drop, 0.01)
     assert len(out.history.series()["forget"]) > 0 and np.isfinite(out.history.forget[~np.isnan(out.history.forget)]).all()
+
+
+def test_runs_that_differ_only_in_seed_share_compiled_steps(toy):
+    model, forget, retain = toy
+    run = lambda seed: T.unlearn(model, L.make_objective("GA+GD", forget_coef=0.7), *_iters(forget, retain, seed=seed),
+                                 preset="dualoptim", learning_rate=1e-2, num_updates=7, progress=False)
+    run(0)
+    before = T._compiled_update.cache_info()
+    out = run(1)
+    after = T._compiled_update.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 7  # one lookup per update
+    assert not np.array_equal(out.history.forget, run(0).history.forget, equal_nan=True)  # the seed still matters

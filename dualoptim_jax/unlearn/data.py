@@ -534,6 +534,11 @@ class EncodedQA(NamedTuple):
     answer_mask: tuple[int, ...]
 
 
+def _answer_ids(tokenizer: TokenizerLike, answer: str) -> list[int]:
+    """The scored tokens of an answer: `` {answer}<eos>``."""
+    return tokenizer.encode(" " + answer) + [tokenizer.eos_id]
+
+
 def encode_qa(tokenizer: TokenizerLike, question: str, answer: str, max_len: int) -> EncodedQA:
     """Tokenises ``<bos>Question: {question}\\nAnswer:`` + `` {answer}<eos>``, answer tokens masked.
 
@@ -544,7 +549,7 @@ def encode_qa(tokenizer: TokenizerLike, question: str, answer: str, max_len: int
       ValueError: if the prompt alone leaves no room for an answer token within ``max_len``.
     """
     prompt = tokenizer.encode(PROMPT_TEMPLATE.format(question=question), add_bos=True)
-    answer_ids = tokenizer.encode(" " + answer) + [tokenizer.eos_id]
+    answer_ids = _answer_ids(tokenizer, answer)
     room = max_len - len(prompt)
     if room < 1:
         raise ValueError(f"max_len={max_len} leaves no room for the answer: the prompt of question "
@@ -602,8 +607,9 @@ def tokenize_unlearning_set(
     Each item appears twice: with its true answer (``input_ids``, ``answer_mask``, ``token_mask``)
     and with a refusal drawn from ``idk_answers`` (``idk_input_ids``, ``idk_answer_mask``,
     ``idk_token_mask``), the pair the IDK, DPO and AP losses compare. The refusal of item ``i`` is
-    fixed by ``seed``. All arrays share one length (``length`` or the longest sequence) so a
-    jitted step compiles once.
+    fixed by ``seed``. All arrays share one length: ``length``, or by default the longest sequence
+    any choice of refusals could give (capped at ``max_len``), so the shapes -- and a jitted step's
+    compilation -- do not depend on ``seed``.
     """
     if not items:
         raise ValueError("tokenize_unlearning_set needs at least one item")
@@ -614,7 +620,9 @@ def tokenize_unlearning_set(
     true = [encode_qa(tokenizer, it.question, it.answer, max_len) for it in items]
     idk = [encode_qa(tokenizer, it.question, idk_answers[k], max_len) for it, k in zip(items, picks)]
     if length is None:
-        length = max(len(e.input_ids) for e in true + idk)
+        longest_idk = max(len(_answer_ids(tokenizer, a)) for a in idk_answers)
+        longest_prompt = max(len(e.input_ids) - sum(e.answer_mask) for e in true)
+        length = min(max_len, max(max(len(e.input_ids) for e in true), longest_prompt + longest_idk))
     out = collate(true, tokenizer.pad_id, length)
     out.update({f"idk_{k}": v for k, v in collate(idk, tokenizer.pad_id, length).items()})
     return out

@@ -21,6 +21,7 @@ builds one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -135,6 +136,9 @@ def make_optimizer(
     return factory(learning_rate, **kwargs)
 
 
+_cached_optimizer = functools.lru_cache(maxsize=32)(make_optimizer)
+
+
 def preset_available(preset: str) -> bool:
     """Whether :func:`make_optimizer` can build ``preset`` with this build of dualoptim_jax."""
     try:
@@ -147,8 +151,36 @@ def preset_available(preset: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 # The functional core: params split off an NNX module, a jitted step per loss.
 
+@functools.lru_cache(maxsize=32)
+def _compiled_update(graphdef: Any, tx: optax.GradientTransformationExtraArgs, loss: Callable,
+                     tx_kwargs: tuple[tuple[str, Any], ...], placement: Placement | None) -> Callable:
+    """The jitted update ``(params, opt_state, rest, ref_params, batches) -> (params, opt_state, aux)``.
+
+    One per (model structure, transform object, loss, ``tx.update`` kwargs, placement), so runs that
+    share them -- the seeds of a preset -- compile once. ``loss(apply_fn, ref_apply_fn, batches) ->
+    (loss, aux)`` must be hashable (a module-level function or a frozen dataclass); ``placement`` is
+    None on one device.
+    """
+    def apply_fn(params, rest):
+        return lambda ids: nnx.merge(graphdef, params, rest)(ids)
+
+    def update(params, opt_state, rest, ref_params, batches):
+        def total(p):
+            ref_fn = None if ref_params is None else apply_fn(ref_params, rest)
+            return loss(apply_fn(p, rest), ref_fn, batches)
+
+        (_, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, **dict(tx_kwargs))
+        params = optax.apply_updates(params, updates)
+        if placement is not None:
+            params, opt_state = placement.constrain(params, opt_state)
+        return params, opt_state, aux
+
+    return jax.jit(update, donate_argnums=(0, 1))
+
+
 class _Core:
-    """Parameters, optimizer state and jitted steps for one module and one transform.
+    """Parameters and optimizer state of one module under one transform.
 
     With a ``mesh`` (:func:`dualoptim_jax.sharding.make_mesh`) the parameters are sharded by their
     annotations, the optimizer state like its parameters and batch rows over the devices; without
@@ -164,29 +196,13 @@ class _Core:
         self.rest = self.placement.replicate(rest)
         self.tx = tx if isinstance(tx, optax.GradientTransformationExtraArgs) else optax.with_extra_args_support(tx)
         self.opt_state = self.placement.init(self.tx, self.params)
-        self._steps: dict[Any, Callable] = {}
 
-    def apply_fn(self, params: Any, rest: Any) -> Callable[[jax.Array], jax.Array]:
-        return lambda ids: nnx.merge(self.graphdef, params, rest)(ids)
-
-    def step(self, key: Any, loss_fn: Callable, tx_kwargs: Mapping[str, Any], ref_params: Any, batches: Any) -> Any:
-        """One update on ``loss_fn(apply_fn, ref_apply_fn, batches) -> (loss, aux)``; returns aux.
-
-        ``key`` names the (loss, tx_kwargs) pair: one compilation per key.
-        """
-        if key not in self._steps:
-            def update(params, opt_state, rest, ref_params, batches):
-                def total(p):
-                    ref_fn = None if ref_params is None else self.apply_fn(ref_params, rest)
-                    return loss_fn(self.apply_fn(p, rest), ref_fn, batches)
-
-                (_, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
-                updates, opt_state = self.tx.update(grads, opt_state, params, **tx_kwargs)
-                return *self.placement.constrain(optax.apply_updates(params, updates), opt_state), aux
-
-            self._steps[key] = jax.jit(update, donate_argnums=(0, 1))
-        self.params, self.opt_state, aux = self._steps[key](self.params, self.opt_state, self.rest, ref_params,
-                                                            self.placement.batch(batches))
+    def step(self, loss: Callable, tx_kwargs: tuple[tuple[str, Any], ...], ref_params: Any, batches: Any) -> Any:
+        """One update on ``loss`` (see :func:`_compiled_update`); returns its aux."""
+        update = _compiled_update(self.graphdef, self.tx, loss, tx_kwargs,
+                                  None if self.placement.mesh is None else self.placement)
+        self.params, self.opt_state, aux = update(self.params, self.opt_state, self.rest, ref_params,
+                                                  self.placement.batch(batches))
         return aux
 
     def export(self) -> nnx.Module:
@@ -220,6 +236,28 @@ class LossHistory(NamedTuple):
             keep = ~np.isnan(values)
             out[name] = [(int(u), float(v)) for u, v in zip(self.update[keep], values[keep])]
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ObjectiveLoss:
+    """The loss of one kind of update: ``which`` = 0 (forget), 1 (retain) or None (joint, with
+    ``batches = (forget, retain)``); returns (weighted loss to descend, unweighted losses). Frozen
+    and hashable, so equal objectives share a compiled step."""
+
+    objective: Objective
+    which: int | None
+
+    def __call__(self, fn, ref_fn, batches):
+        obj = self.objective
+        if self.which == FORGET:
+            lf = obj.forget_loss(fn, ref_fn, batches)
+            return obj.forget_coef * lf, {"forget": lf}
+        if self.which == RETAIN:
+            lr = obj.retain_loss(fn, ref_fn, batches)
+            return obj.retain_coef * lr, {"retain": lr}
+        lf = obj.forget_loss(fn, ref_fn, batches[0])
+        lr = obj.retain_loss(fn, ref_fn, batches[1])
+        return obj.forget_coef * lf + obj.retain_coef * lr, {"forget": lf, "retain": lr}
 
 
 class Unlearner:
@@ -263,25 +301,6 @@ class Unlearner:
             ref = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
             self.ref_params = self._core.placement.like_params(ref)
         self.update_count = 0
-        self._losses = {
-            "joint": self._joint_loss,
-            FORGET: lambda fn, ref_fn, b: self._weighted(FORGET, fn, ref_fn, b),
-            RETAIN: lambda fn, ref_fn, b: self._weighted(RETAIN, fn, ref_fn, b),
-        }
-
-    # Losses: (apply_fn, ref_fn, batches) -> (loss to descend, {"forget", "retain"} unweighted).
-    def _weighted(self, k: int, fn, ref_fn, batch):
-        obj = self.objective
-        if k == FORGET:
-            loss = obj.forget_loss(fn, ref_fn, batch)
-            return obj.forget_coef * loss, {"forget": loss}
-        loss = obj.retain_loss(fn, ref_fn, batch)
-        return obj.retain_coef * loss, {"retain": loss}
-
-    def _joint_loss(self, fn, ref_fn, batches):
-        lf = self.objective.forget_loss(fn, ref_fn, batches[0])
-        lr = self.objective.retain_loss(fn, ref_fn, batches[1])
-        return self.objective.forget_coef * lf + self.objective.retain_coef * lr, {"forget": lf, "retain": lr}
 
     def objective_at(self, update: int) -> int | None:
         """0 / 1 for the forget / retain objective of update ``update``; None in joint mode."""
@@ -291,11 +310,11 @@ class Unlearner:
         """One optimizer update, drawing the batches it needs; returns its unweighted losses."""
         k = self.objective_at(self.update_count)
         if k is None:
-            aux = self._core.step("joint", self._losses["joint"], {}, self.ref_params,
+            aux = self._core.step(_ObjectiveLoss(self.objective, None), (), self.ref_params,
                                   (next(forget_batches), next(retain_batches)))
         else:
             batch = next(forget_batches) if k == FORGET else next(retain_batches)
-            aux = self._core.step(k, self._losses[k], {"objective": k}, self.ref_params, batch)
+            aux = self._core.step(_ObjectiveLoss(self.objective, k), (("objective", k),), self.ref_params, batch)
         self.update_count += 1
         return {name: float(v) for name, v in aux.items()}
 
@@ -393,8 +412,12 @@ def unlearn(
 
     Returns a new model and the loss history; ``model`` is left as it was.
     """
-    tx = make_optimizer(preset, learning_rate, forget_lr_scale=forget_lr_scale,
-                        retain_lr_scale=retain_lr_scale, weight_decay=weight_decay)
+    # The same transform object for the same settings: runs that differ only in seed share compiled steps.
+    kwargs = dict(forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale, weight_decay=weight_decay)
+    try:
+        tx = _cached_optimizer(preset, learning_rate, **kwargs)
+    except TypeError:  # an unhashable learning rate (e.g. an array): build a fresh transform
+        tx = make_optimizer(preset, learning_rate, **kwargs)
     runner = Unlearner(model, objective, tx, mode=PRESETS[preset].mode, forget_steps=forget_steps,
                        retain_steps=retain_steps, ref_model=ref_model, mesh=mesh)
     history = runner.run(forget_batches, retain_batches, num_updates, progress=progress, desc=preset)
@@ -435,7 +458,7 @@ def finetune(
     losses = np.empty(num_steps, np.float64)
     with _progress(num_steps, desc, progress) as bar:
         for i in range(num_steps):
-            losses[i] = float(core.step("nll", _nll_loss, {}, None, next(batches)))
+            losses[i] = float(core.step(_nll_loss, (), None, next(batches)))
             bar.set_postfix(nll=f"{losses[i]:.4g}", refresh=False)
             bar.update()
     return FinetuneResult(core.export(), losses)
