@@ -58,22 +58,11 @@ def decoupled(
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     objective = objective_lib.check_objective(objective, num_objectives)
-
-    def branch(k: int):
-      new_updates, new_inner = inner.update(
-          updates, state.inner_states[k], params, **extra_args
-      )
-      states = list(state.inner_states)
-      states[k] = new_inner
-      return new_updates, DecoupledState(tuple(states))
-
-    def invalid():
-      # Same output structure as a valid branch, but nothing is learnt.
-      new_updates, _ = inner.update(
-          updates, state.inner_states[0], params, **extra_args
-      )
-      return objective_lib.nan_like(new_updates), state
-
-    return objective_lib.dispatch(objective, num_objectives, branch, invalid)
+    new_updates, inner_states = objective_lib.route(
+        objective,
+        state.inner_states,
+        lambda k, inner_state: inner.update(updates, inner_state, params, **extra_args),
+    )
+    return new_updates, DecoupledState(inner_states)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

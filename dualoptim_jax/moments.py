@@ -259,80 +259,92 @@ def shared_base_moments(
         deltas=deltas,
     )
 
-  def step(k: int, updates, state: SharedBaseState):
+  def scales(m: Moment, dtype, n_prev, t_prev) -> tuple[Array, Array, Array]:
+    """Reciprocal bias corrections (base, delta, previous delta)."""
+    if not m.bias_correction:
+      one = jnp.ones([], dtype)
+      return one, one, one
+    return (
+        _reciprocal_correction(m.base_decay, n_prev, dtype),
+        _reciprocal_correction(m.decay, numerics.safe_increment(t_prev), dtype),
+        _reciprocal_correction(m.decay, t_prev, dtype),
+    )
+
+  def objective_step(updates, base, delta, n_prev, t_prev):
+    """The updates and the new deltas of the active objective."""
     leaves, treedef = jax.tree.flatten(updates)
     codecs = codecs_for(updates)
-    base_leaves = [treedef.flatten_up_to(b) for b in state.base] if use_base else None
-    delta_leaves = [treedef.flatten_up_to(d) for d in state.deltas[k]]
-    n_prev = state.count
-    t_prev = state.counts[k]
-    t = numerics.safe_increment(t_prev)
-
-    def scales(m: Moment, dtype) -> tuple[Array, Array, Array]:
-      """Reciprocal bias corrections (base, delta, previous delta)."""
-      if not m.bias_correction:
-        one = jnp.ones([], dtype)
-        return one, one, one
-      return (
-          _reciprocal_correction(m.base_decay, n_prev, dtype),
-          _reciprocal_correction(m.decay, t, dtype),
-          _reciprocal_correction(m.decay, t_prev, dtype),
-      )
-
+    base_leaves = [treedef.flatten_up_to(b) for b in base]
+    delta_leaves = [treedef.flatten_up_to(d) for d in delta]
     scale_cache = {}
-    new_updates, new_base, new_delta = [], [[] for _ in moments], [
-        [] for _ in moments
-    ]
+    new_updates, new_delta = [], [[] for _ in moments]
     for j, g in enumerate(leaves):
       dtype = _compute_dtype(g.dtype)
       gc = g.astype(dtype)
       current, previous = [], []
       for i, m in enumerate(moments):
         base_codec, delta_codec = codecs[j][i]
-        d = delta_codec.decode(delta_leaves[i][j]).astype(dtype)
         key = (i, jnp.dtype(dtype))
         if key not in scale_cache:
-          scale_cache[key] = scales(m, dtype)
+          scale_cache[key] = scales(m, dtype, n_prev, t_prev)
         base_scale, delta_scale, prev_scale = scale_cache[key]
+        d = delta_codec.decode(delta_leaves[i][j]).astype(dtype)
         s = m.statistic(gc)
         if use_base:
-          b = base_codec.decode(base_leaves[i][j]).astype(dtype)
-          b_hat = b * base_scale
+          b_hat = base_codec.decode(base_leaves[i][j]).astype(dtype) * base_scale
           d_new = m.decay * d + (1 - m.decay) * (s - b_hat)
           current.append(d_new * delta_scale + b_hat)
           previous.append(d * prev_scale + b_hat)
-          b_new = m.base_decay * b + (1 - m.base_decay) * s
-          new_base[i].append(base_codec.encode(b_new))
         else:
           d_new = m.decay * d + (1 - m.decay) * s
           current.append(d_new * delta_scale)
           previous.append(d * prev_scale)
         new_delta[i].append(delta_codec.encode(d_new))
       new_updates.append(direction(current, previous, gc).astype(g.dtype))
+    return (
+        treedef.unflatten(new_updates),
+        tuple(treedef.unflatten(x) for x in new_delta),
+    )
 
-    base = tuple(treedef.unflatten(x) for x in new_base) if use_base else ()
-    this_delta = tuple(treedef.unflatten(x) for x in new_delta)
-    deltas = tuple(
-        this_delta if kk == k else state.deltas[kk]
-        for kk in range(num_objectives)
-    )
-    counts = state.counts.at[k].set(t)
-    new_state = SharedBaseState(
-        count=numerics.safe_increment(n_prev),
-        counts=counts,
-        base=base,
-        deltas=deltas,
-    )
-    return treedef.unflatten(new_updates), new_state
+  def base_step(updates, base):
+    """The shared base after this step (independent of the objective)."""
+    leaves, treedef = jax.tree.flatten(updates)
+    codecs = codecs_for(updates)
+    new_base = []
+    for i, m in enumerate(moments):
+      out = []
+      for j, (g, b) in enumerate(zip(leaves, treedef.flatten_up_to(base[i]))):
+        dtype = _compute_dtype(g.dtype)
+        codec = codecs[j][i][0]
+        b = codec.decode(b).astype(dtype)
+        b_new = m.base_decay * b + (1 - m.base_decay) * m.statistic(g.astype(dtype))
+        out.append(codec.encode(b_new))
+      new_base.append(treedef.unflatten(out))
+    return tuple(new_base)
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
     objective = objective_lib.check_objective(objective, num_objectives)
-    return objective_lib.dispatch(
+    n_prev = state.count
+    new_updates, deltas = objective_lib.route(
         objective,
-        num_objectives,
-        lambda k: step(k, updates, state),
-        lambda: (objective_lib.nan_like(updates), state),
+        state.deltas,
+        lambda k, delta: objective_step(
+            updates, state.base, delta, n_prev, state.counts[k]
+        ),
     )
+    valid = objective_lib.is_valid(objective, num_objectives)
+    base = state.base
+    if use_base:
+      base = objective_lib.when(valid, lambda b: base_step(updates, b), base)
+    k = jnp.clip(objective, 0, num_objectives - 1)
+    counts = state.counts.at[k].set(numerics.safe_increment(state.counts[k]))
+    new_state = SharedBaseState(
+        count=jnp.where(valid, numerics.safe_increment(n_prev), n_prev),
+        counts=jnp.where(valid, counts, state.counts),
+        base=base,
+        deltas=deltas,
+    )
+    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,13 +7,13 @@ Every multi-objective transform in this package takes ``objective=`` in
   objective at trace time, so a jitted step compiles once per objective and
   touches only that objective's state; or
 * an integer scalar ``jax.Array`` (possibly traced): one compiled program serves
-  every objective, selecting the branch with :func:`jax.lax.switch`.
+  every objective, with one :func:`jax.lax.cond` per objective (see
+  :func:`route`).
 
-A traced index outside ``[0, K)`` cannot raise inside ``jit``. Because
-``lax.switch`` clamps out-of-range indices, a naive implementation would silently
-update another objective's state. Here such an index selects an extra branch
-that leaves the state untouched and returns NaN updates, so the error is visible
-in the parameters and is caught by ``jax.experimental.checkify`` with
+A traced index outside ``[0, K)`` cannot raise inside ``jit``, and a
+``lax.switch`` would clamp it onto another objective. Here no branch is taken:
+the state is left untouched and the updates are NaN, so the error is visible in
+the parameters and is caught by ``jax.experimental.checkify`` with
 ``checkify.float_checks`` (or ``jax_debug_nans``).
 """
 
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 S = TypeVar("S")
+R = TypeVar("R")
 
 Objective = int | jax.Array
 
@@ -101,34 +102,53 @@ def check_objective(objective: Any, num_objectives: int) -> Objective:
   return arr.astype(jnp.int32)
 
 
-def dispatch(
+def is_valid(objective: Objective, num_objectives: int) -> bool | jax.Array:
+  """Python ``True`` for a (validated) static objective; a traced bool otherwise."""
+  if is_static(objective):
+    return True
+  return (objective >= 0) & (objective < num_objectives)
+
+
+def when(pred: bool | jax.Array, fn: Callable[[S], S], operand: S) -> S:
+  """``fn(operand)`` if ``pred`` else ``operand``; no branch for a Python bool."""
+  if isinstance(pred, bool):
+    return fn(operand) if pred else operand
+  return jax.lax.cond(pred, fn, lambda x: x, operand)
+
+
+def route(
     objective: Objective,
-    num_objectives: int,
-    branch: Callable[[int], S],
-    invalid: Callable[[], S],
-) -> S:
-  """Runs ``branch(k)`` for the active objective ``k``.
+    states: tuple[S, ...],
+    step: Callable[[int, S], tuple[R, S]],
+) -> tuple[R, tuple[S, ...]]:
+  """Applies ``step`` to the active objective's state; the others pass through.
 
   Args:
     objective: a validated objective (see :func:`check_objective`).
-    num_objectives: K.
-    branch: builds the result for a static objective index.
-    invalid: builds the result for an out-of-range traced index (NaN updates,
-      untouched state).
+    states: one state per objective.
+    step: ``step(k, states[k]) -> (result, new_state_k)`` for a static ``k``.
 
   Returns:
-    ``branch(objective)`` for a static objective, otherwise a
-    :func:`jax.lax.switch` over the K branches plus the invalid one.
+    ``(result, states with the active one replaced)``. For a traced objective
+    this is one ``lax.cond`` per objective whose inactive branch returns its
+    operands unchanged, so with donated buffers XLA updates the active state in
+    place and copies nothing (a ``lax.switch`` returning the whole tuple would
+    copy every inactive state). The result starts as NaN and is overwritten by
+    the active branch, so an out-of-range index yields NaN and untouched states.
   """
   if is_static(objective):
-    return branch(int(objective))
-  in_range = (objective >= 0) & (objective < num_objectives)
-  index = jnp.where(in_range, objective, num_objectives)
-  branches = [lambda k=k: branch(k) for k in range(num_objectives)]
-  branches.append(invalid)
-  return jax.lax.switch(index, branches)
+    result, new = step(objective, states[objective])
+    return result, tuple(new if j == objective else s for j, s in enumerate(states))
+  result_shape = jax.eval_shape(lambda: step(0, states[0])[0])
+  result = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), result_shape)
+  new_states = list(states)
+  for j in range(len(states)):
 
+    def active(operand, j=j):
+      result_j, new = step(j, operand[0])
+      return new, result_j
 
-def nan_like(tree: Any) -> Any:
-  """NaNs shaped like the (floating) leaves of ``tree``."""
-  return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree)
+    new_states[j], result = jax.lax.cond(
+        objective == j, active, lambda operand: operand, (new_states[j], result)
+    )
+  return result, tuple(new_states)
