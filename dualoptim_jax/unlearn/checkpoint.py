@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dualoptim_jax.unlearn.trainer import LossHistory, Unlearner
+from dualoptim_jax.unlearn.losses import Objective
+from dualoptim_jax.unlearn.trainer import PRESETS, LossHistory, Unlearner, UnlearnResult, make_optimizer, unlearn
 
 __all__ = [
     "CheckpointMismatchError",
@@ -55,6 +56,7 @@ __all__ = [
     "save_unlearner",
     "restore_unlearner",
     "run_with_checkpoints",
+    "checkpointed_unlearn",
 ]
 
 _ITEMS = ("arrays", "state", "fingerprint")
@@ -469,3 +471,61 @@ def run_with_checkpoints(
     save_unlearner(ckpt, unlearner, forget_batches, retain_batches, rows, force=True)
     ckpt.wait()
     return _history(rows)
+
+
+def checkpointed_unlearn(
+    model: Any,
+    objective: Objective,
+    forget_batches: Any,
+    retain_batches: Any,
+    *,
+    preset: str = "dualoptim_plus",
+    learning_rate: float = 1e-5,
+    num_updates: int,
+    forget_lr_scale: float = 1.0,
+    retain_lr_scale: float = 1.0,
+    weight_decay: float = 0.01,
+    forget_steps: int = 1,
+    retain_steps: int = 5,
+    ref_model: Any = None,
+    progress: bool = True,
+    mesh: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    every: int | None = None,
+    keep: int | None = 3,
+    resume: bool = False,
+    fingerprint_extra: Mapping[str, Any] | None = None,
+    log=print,
+) -> UnlearnResult:
+    """:func:`~dualoptim_jax.unlearn.trainer.unlearn` with orbax checkpoints in ``checkpoint_dir``.
+
+    Without ``checkpoint_dir`` this is ``unlearn(..., mesh=mesh)``. With it, the run saves every
+    ``every`` updates and at the end, keeping the last ``keep``; ``resume`` continues from the
+    latest checkpoint there. The fingerprint records the model config, the preset and its
+    hyperparameters, the objective and the schedule, plus ``fingerprint_extra`` (e.g. the seed and
+    what the starting model was built from).
+    """
+    if checkpoint_dir is None:
+        return unlearn(model, objective, forget_batches, retain_batches, preset=preset, learning_rate=learning_rate,
+                       num_updates=num_updates, forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale,
+                       weight_decay=weight_decay, forget_steps=forget_steps, retain_steps=retain_steps,
+                       ref_model=ref_model, progress=progress, mesh=mesh)
+    tx = make_optimizer(preset, learning_rate, forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale,
+                        weight_decay=weight_decay)
+    spec = PRESETS[preset]
+    runner = Unlearner(model, objective, tx, mode=spec.mode, forget_steps=forget_steps, retain_steps=retain_steps,
+                       ref_model=ref_model, mesh=mesh)
+    fp = fingerprint(
+        model=getattr(model, "config", type(model).__name__),
+        preset=preset,
+        optimizer={"name": spec.optimizer, "state_bits": spec.state_bits, "learning_rate": learning_rate,
+                   "forget_lr_scale": forget_lr_scale, "retain_lr_scale": retain_lr_scale,
+                   "weight_decay": weight_decay},
+        loss=objective,
+        schedule={"mode": spec.mode, "forget_steps": forget_steps, "retain_steps": retain_steps},
+        **dict(fingerprint_extra or {}),
+    )
+    with Checkpointer(checkpoint_dir, fingerprint=fp, every=every, keep=keep) as ckpt:
+        history = run_with_checkpoints(runner, forget_batches, retain_batches, num_updates, ckpt, resume=resume,
+                                       progress=progress, desc=preset, log=log)
+    return UnlearnResult(runner.model, history)

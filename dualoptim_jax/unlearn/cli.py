@@ -16,6 +16,11 @@ Seeds vary the unlearning run (batch order and refusal answers), not the tuned m
 counts forget updates: a joint run makes ``steps`` updates, an alternating run
 ``ceil(steps / F_f)`` cycles of ``F_f + F_r`` updates, so both see the same forget batches, as in
 the paper's epoch-based budget.
+
+Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
+(:mod:`dualoptim_jax.sharding`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
+``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
+continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dualoptim_jax import sharding
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import metrics, pretrained, report
+from dualoptim_jax.unlearn.checkpoint import CheckpointMismatchError, checkpointed_unlearn
 from dualoptim_jax.unlearn.losses import make_objective
-from dualoptim_jax.unlearn.trainer import PRESETS, finetune, make_optimizer, preset_available, unlearn
+from dualoptim_jax.unlearn.trainer import PRESETS, finetune, make_optimizer, preset_available
 
 __all__ = ["RunConfig", "build_parser", "parse_args", "run", "main"]
 
@@ -92,6 +99,11 @@ class RunConfig:
     cache_dir: str | None = None
     out: str = "results"
     progress: bool = True
+    mesh: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    resume: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=d.cache_dir, help="tokenizer and model cache (default: $XDG_CACHE_HOME/dualoptim_jax)")
     g.add_argument("--out", default=d.out, help="where results.json, results.md and results.png go")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g = p.add_argument_group("devices and checkpoints")
+    g.add_argument("--mesh", default=d.mesh,
+                   help="train FSDP-sharded on a device mesh, e.g. data=1,fsdp=8 or data=2,fsdp=4 (an axis left "
+                        "out or -1 takes the remaining devices); default: one device, no sharding")
+    g.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
+                   help="checkpoint each unlearning run under DIR/<preset>/seed<k> (orbax)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="updates between checkpoints (one is always written at the end of a run)")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="latest checkpoints kept per run")
+    g.add_argument("--resume", action="store_true",
+                   help="continue each run from its latest checkpoint in --checkpoint-dir (finished runs are "
+                        "restored, not rerun)")
     return p
 
 
@@ -179,7 +203,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     for flag, value, low in (("--batch-size", a.batch_size, 1), ("--forget-steps", a.forget_steps, 1),
                              ("--retain-steps", a.retain_steps, 1), ("--finetune-steps", a.finetune_steps, 0),
                              ("--finetune-batch-size", a.finetune_batch_size, 1), ("--eval-items", a.eval_items, 1),
-                             ("--max-new-tokens", a.max_new_tokens, 1), ("--max-len", a.max_len, 8)):
+                             ("--max-new-tokens", a.max_new_tokens, 1), ("--max-len", a.max_len, 8),
+                             ("--checkpoint-every", a.checkpoint_every, 1), ("--keep-checkpoints", a.keep_checkpoints, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--model-layers", a.model_layers), ("--forget-items", a.forget_items),
@@ -188,6 +213,13 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
             parser.error(f"{flag} must be >= {1 if flag == '--model-layers' else 0}, got {value}")
     if a.finetune_epochs is not None and not a.finetune_epochs > 0:
         parser.error(f"--finetune-epochs must be > 0, got {a.finetune_epochs}")
+    if a.mesh is not None:
+        try:
+            sharding.parse_mesh_spec(a.mesh, jax.device_count())
+        except ValueError as e:
+            parser.error(f"--mesh: {e}")
+    if a.resume and a.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir (where the runs' checkpoints are)")
     if a.steps is not None and a.steps < 1:
         parser.error(f"--steps must be >= 1, got {a.steps}")
     if not a.epochs > 0:
@@ -262,7 +294,8 @@ def load_params(model: nnx.Module, path: Path) -> None:
 
 
 def tuned_model(kind: str, items: Sequence[D.QAItem], tok: Tokenizer, cfg: RunConfig, cache: Path,
-                log=print, *, init: nnx.Module | None = None, init_key: str | None = None) -> nnx.Module:
+                log=print, *, init: nnx.Module | None = None, init_key: str | None = None,
+                mesh: Any = None) -> nnx.Module:
     """A Llama fine-tuned on ``items`` (answer-token NLL), loaded from cache if there.
 
     From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged)
@@ -293,7 +326,7 @@ def tuned_model(kind: str, items: Sequence[D.QAItem], tok: Tokenizer, cfg: RunCo
     t0 = time.perf_counter()
     result = finetune(model, D.BatchIterator(arrays, cfg.finetune_batch_size, seed=cfg.model_seed),
                       optax.adamw(schedule, weight_decay=0.01), steps, progress=cfg.progress,
-                      desc=f"fine-tune {kind}")
+                      desc=f"fine-tune {kind}", mesh=mesh)
     tail = result.losses[-10:].mean() if len(result.losses) else float("nan")
     log(f"[{kind}] fine-tuned {steps} steps on {len(items)} QA in {time.perf_counter() - t0:.0f}s "
         f"(final NLL {tail:.3f}); cached at {path}")
@@ -308,6 +341,14 @@ def num_updates(preset: str, forget_updates: int, cfg: RunConfig) -> int:
     return math.ceil(forget_updates / cfg.forget_steps) * (cfg.forget_steps + cfg.retain_steps)
 
 
+def _run_fingerprint(cfg: RunConfig, data: D.UnlearningData, tok: Tokenizer, seed: int) -> dict[str, Any]:
+    """What a run's checkpoints are tied to besides model, optimizer, loss and schedule."""
+    start = {k: getattr(cfg, k) for k in ("model", "model_size", "model_layers", "finetune_steps", "finetune_epochs",
+                                          "finetune_lr", "finetune_batch_size", "model_seed", "max_len")}
+    return {"seed": seed, "batch_size": cfg.batch_size, "data": data.name, "tokenizer_vocab": tok.vocab_size,
+            "start": start}
+
+
 # ------------------------------------------------------------------------------------------------
 # The job.
 
@@ -317,6 +358,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     data = load_data(cfg)
     log(data.summary())
     cache = _cache_dir(cfg)
+    mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
+    if mesh is not None:
+        log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.model is None:
@@ -324,15 +368,17 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         tok = Tokenizer.train(corpus(data), vocab_size=vocab, cache_path=cache / "tokenizers")
         log(f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; devices: {jax.devices()}")
         general = data.real_authors + data.world_facts
-        base = tuned_model("full", data.forget + data.retain + general, tok, cfg, cache, log)
-        retain_only = tuned_model("retain", data.retain + general, tok, cfg, cache, log)
+        base = tuned_model("full", data.forget + data.retain + general, tok, cfg, cache, log, mesh=mesh)
+        retain_only = tuned_model("retain", data.retain + general, tok, cfg, cache, log, mesh=mesh)
     else:  # a pretrained LM brings its general knowledge: tune on forget + retain only
         data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
         log(data.summary())
         start, tok, start_key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
         log(pretrained.describe(start, cfg.model, start_key) + f"; devices: {jax.devices()}")
-        base = tuned_model("full", data.forget + data.retain, tok, cfg, cache, log, init=start, init_key=start_key)
-        retain_only = tuned_model("retain", data.retain, tok, cfg, cache, log, init=start, init_key=start_key)
+        base = tuned_model("full", data.forget + data.retain, tok, cfg, cache, log, init=start, init_key=start_key,
+                           mesh=mesh)
+        retain_only = tuned_model("retain", data.retain, tok, cfg, cache, log, init=start, init_key=start_key,
+                                  mesh=mesh)
         del start
     timings["models_s"] = time.perf_counter() - t0
 
@@ -363,14 +409,17 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         for seed in cfg.seeds:
             forget = D.tokenize_unlearning_set(tok, data.forget, data.idk_answers, cfg.max_len, seed=2 * seed)
             retain = D.tokenize_unlearning_set(tok, data.retain, data.idk_answers, cfg.max_len, seed=2 * seed + 1)
-            out = unlearn(
+            out = checkpointed_unlearn(
                 base, objective,
                 D.BatchIterator(forget, cfg.batch_size, seed=2 * seed),
                 D.BatchIterator(retain, cfg.batch_size, seed=2 * seed + 1),
                 preset=preset, learning_rate=cfg.lr, num_updates=num_updates(preset, forget_updates, cfg),
                 forget_lr_scale=cfg.forget_lr_scale, retain_lr_scale=cfg.retain_lr_scale,
                 weight_decay=cfg.weight_decay, forget_steps=cfg.forget_steps, retain_steps=cfg.retain_steps,
-                progress=cfg.progress,
+                progress=cfg.progress, mesh=mesh, log=log,
+                checkpoint_dir=None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir) / preset / f"seed{seed}",
+                every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, resume=cfg.resume,
+                fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
             )
             res = evaluate(out.model, ratios)
             res["seed"] = seed
@@ -401,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except D.DataFormatError as e:
+    except (D.DataFormatError, CheckpointMismatchError, FileExistsError) as e:
         print(f"dualoptim-unlearn: {e}", file=sys.stderr)
         return 2
     return 0
