@@ -23,6 +23,7 @@ from dualoptim_jax.unlearn import checkpoint as C
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
 from dualoptim_jax.unlearn import trainer as T
+from multidevice import toy_unlearning_arrays
 
 V, LEN, BATCH = 64, 16, 8
 FORGET_STEPS, RETAIN_STEPS = 2, 3  # a cycle of 5 updates: checkpoints every 4 fall mid-cycle
@@ -36,15 +37,7 @@ OPTIMIZERS = {
 
 
 def arrays(seed: int, n: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
-    mask = np.zeros((n, LEN), np.float32)
-    mask[:, LEN // 2:] = 1
-    token_mask = np.ones((n, LEN), np.float32)
-    token_mask[:, 0] = 0
-    idk = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
-    return {"input_ids": ids, "answer_mask": mask, "token_mask": token_mask,
-            "idk_input_ids": idk, "idk_answer_mask": mask, "idk_token_mask": token_mask}
+    return toy_unlearning_arrays(seed, n, V, LEN)
 
 
 class SlowBatches(D.BatchIterator):

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -36,3 +38,16 @@ def run_json(script: str, *args: str, num_devices: int = 8, timeout: float = 300
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def toy_unlearning_arrays(seed: int, n: int, vocab: int, length: int) -> dict[str, np.ndarray]:
+    """``n`` random forget/retain examples in the layout of ``tokenize_unlearning_set``."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(n, length)).astype(np.int32)
+    mask = np.zeros((n, length), np.float32)
+    mask[:, length // 2:] = 1
+    token_mask = np.ones((n, length), np.float32)
+    token_mask[:, 0] = 0
+    idk = rng.integers(1, vocab, size=(n, length)).astype(np.int32)
+    return {"input_ids": ids, "answer_mask": mask, "token_mask": token_mask,
+            "idk_input_ids": idk, "idk_answer_mask": mask, "idk_token_mask": token_mask}

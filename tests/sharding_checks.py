@@ -23,6 +23,7 @@ from dualoptim_jax.unlearn import checkpoint as C
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
 from dualoptim_jax.unlearn import trainer as T
+from multidevice import toy_unlearning_arrays
 
 V, LEN, BATCH = 64, 16, 8
 CONFIG = LlamaConfig(vocab_size=V, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64)
@@ -38,15 +39,7 @@ OPTIMIZERS = {
 
 
 def arrays(seed: int, n: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
-    mask = np.zeros((n, LEN), np.float32)
-    mask[:, LEN // 2:] = 1
-    token_mask = np.ones((n, LEN), np.float32)
-    token_mask[:, 0] = 0
-    idk = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
-    return {"input_ids": ids, "answer_mask": mask, "token_mask": token_mask,
-            "idk_input_ids": idk, "idk_answer_mask": mask, "idk_token_mask": token_mask}
+    return toy_unlearning_arrays(seed, n, V, LEN)
 
 
 def expected_spec(name: str, leaf_shape: tuple, param_specs: dict, mesh) -> P:

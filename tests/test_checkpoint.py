@@ -6,6 +6,7 @@ SIGKILL after a checkpoint resumes to parameters bit-identical to an uninterrupt
 checkpoint written on fsdp=8 restores onto data=2,fsdp=4 and onto one device.
 """
 
+import json
 import os
 import re
 import shutil
@@ -264,3 +265,76 @@ def test_killed_8bit_job_resumes_bit_identical(tmp_path):
     out = _job(tmp_path, "killed8", "--resume", "--optimizer", "dualoptim_plus_8bit", cache=cache)
     assert out["start"] in (8, 12)
     assert _same(_load(tmp_path / "full8.npz"), _load(tmp_path / "killed8.npz"))
+
+
+# --------------------------------------------------------------------------- the main job's flags
+
+def test_main_job_flags():
+    from dualoptim_jax.unlearn import cli
+    cfg = cli.parse_args(["--mesh", "fsdp=1", "--checkpoint-dir", "ck", "--checkpoint-every", "7",
+                          "--keep-checkpoints", "2", "--resume"])
+    assert (cfg.mesh, cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.resume) == (
+        "fsdp=1", "ck", 7, 2, True)
+    defaults = cli.parse_args([])
+    assert defaults.mesh is None and defaults.checkpoint_dir is None and not defaults.resume
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "data=2"], "--mesh: mesh spec 'data=2': 2 does not divide the 1 devices"),
+    (["--mesh", "model=1"], "--mesh: mesh spec 'model=1': unknown axis 'model'"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1, got 0"),
+])
+def test_main_job_flag_errors(argv, message, capsys):
+    from dualoptim_jax.unlearn import cli
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+CLI_TINY = ["--model-size", "tiny", "--finetune-steps", "20", "--eval-items", "3", "--max-new-tokens", "4",
+            "--vocab-size", "300", "--seeds", "0", "--no-progress", "--presets", "dualoptim_plus",
+            "--steps", "40", "--mesh", "data=2,fsdp=4", "--checkpoint-every", "4"]
+
+
+@pytest.mark.slow
+def test_main_job_killed_and_resumed_on_a_mesh_matches_an_uninterrupted_run(tmp_path):
+    """``dualoptim-unlearn --mesh data=2,fsdp=4 --checkpoint-dir``: SIGKILL after a checkpoint,
+    ``--resume``, and the unlearned model's metrics and loss history equal the uninterrupted run's."""
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    job = [sys.executable, "-m", "dualoptim_jax.unlearn", *CLI_TINY, *cache]
+    env = device_env(8)
+    full = subprocess.run(job + ["--checkpoint-dir", str(tmp_path / "ck-a"), "--out", str(tmp_path / "a")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-4000:]
+    run_dir = tmp_path / "ck-b" / "dualoptim_plus" / "seed0"
+    proc = subprocess.Popen(job + ["--checkpoint-dir", str(tmp_path / "ck-b"), "--out", str(tmp_path / "b")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "4").is_dir():
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert 240 not in [int(p.name) for p in run_dir.iterdir() if p.name.isdigit()]  # 40 cycles of 1 + 5
+    again = subprocess.run(job + ["--checkpoint-dir", str(tmp_path / "ck-b"), "--out", str(tmp_path / "b"),
+                                  "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "[dualoptim_plus] resumed from" in again.stdout
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["loss_histories"] == b["loss_histories"]
+    assert a["rows"]["dualoptim_plus"] == b["rows"]["dualoptim_plus"]
+    # A checkpoint written for another preset is refused by name, before any array is read.
+    other = subprocess.run(job + ["--checkpoint-dir", str(tmp_path / "ck-b"), "--out", str(tmp_path / "c"),
+                                  "--resume", "--lr", "1e-3"], env=env, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2
+    assert "checkpoint was written for optimizer.learning_rate 0.0003 but this run uses 0.001" in other.stderr
