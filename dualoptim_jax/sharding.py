@@ -28,15 +28,24 @@ Plain pytree example::
 
     mesh = make_mesh("data=2,fsdp=4")
     specs = fsdp_specs(params, mesh)                  # or your own PartitionSpecs
-    shardings = param_shardings(params, mesh, specs)
-    params = jax.device_put(params, shardings)
-    opt_state = init_sharded(tx, params)              # state sharded like params
-    step = jax.jit(train_step)                        # shardings flow from inputs
+    p_shardings = param_shardings(params, mesh, specs)
+    params = jax.device_put(params, p_shardings)
+    opt_state = init_sharded(tx, params)              # created shard by shard, like params
+    s_shardings = state_shardings(opt_state, params)  # the same, for any optax state
+    step = jax.jit(train_step, out_shardings=(p_shardings, s_shardings))  # keep them so
+    params, opt_state = step(params, opt_state, jax.device_put(batch, batch_sharding(mesh, len(batch))))
 
-NNX model example::
+NNX model example (what :class:`~dualoptim_jax.unlearn.trainer.Unlearner` does with ``mesh=``,
+through :class:`Placement`)::
 
     params = nnx.state(model, nnx.Param)
     params = jax.device_put(params, param_shardings(params, mesh))  # by annotation
+    opt_state = init_sharded(tx, params)
+
+Limits: a statistic whose shape differs from its parameter's (Adafactor's factored rows and
+columns) is replicated; an 8-bit state sharded on its last axis stays shard-local only when each
+shard holds whole blocks (shard length a multiple of ``block_size``, see
+:mod:`dualoptim_jax.quantize`).
 """
 
 from __future__ import annotations
