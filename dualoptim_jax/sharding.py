@@ -456,6 +456,20 @@ class Placement:
     self.param_shardings: Any = None
     self.state_shardings: Any = None
 
+  # Equal layouts compare equal, so a cache of compiled steps keyed by the placement (the
+  # trainer's) is shared by runs on the same mesh with the same model and optimizer.
+  def _key(self) -> tuple:
+    def flat(tree):
+      leaves, treedef = jax.tree.flatten(tree)
+      return str(treedef), tuple(leaves)
+    return self.mesh, flat(self.param_shardings), flat(self.state_shardings)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, Placement) and self._key() == other._key()
+
+  def __hash__(self) -> int:
+    return hash(self._key())
+
   def params(self, params: Any) -> Any:
     """A copy of ``params`` laid out by their annotations (remembered for the state)."""
     if self.mesh is None:
