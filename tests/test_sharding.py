@@ -158,6 +158,19 @@ def test_placement_without_mesh_is_the_identity_layout():
     assert placement.like_params(params) is params
 
 
+def test_placements_with_the_same_layout_are_equal():
+    """The trainer caches compiled steps by placement: equal layouts must share them."""
+    mesh = S.make_mesh("fsdp=1", devices=jax.devices()[:1])
+    params = {"w": jnp.zeros((4, 4))}
+    placements = [S.Placement(mesh) for _ in range(3)]
+    for p, tx in zip(placements, (optax.adam(1e-3), optax.adam(1e-2), optax.sgd(0.1, momentum=0.9))):
+        p.init(tx, p.params(params))
+    a, b, c = placements
+    assert a == b and hash(a) == hash(b)  # same state layout (hyperparameters do not matter)
+    assert a != c  # another state structure
+    assert S.Placement(None) == S.Placement(None)
+
+
 # --------------------------------------------------------------------------- 8 devices
 
 # What runs by default (about 30 s of CPU) and what is marked slow (8-bit compiles are the cost).
