@@ -47,18 +47,18 @@ SMOLLM2 = "smollm2"
 # docs/smollm2.md). Memorisation needs many passes over few
 # pairs: the issue measured only 9% -> 36% exact answers after 6 epochs over 400 pairs at 2e-4.
 DEFAULTS: dict[str, Any] = dict(
-    forget_items=20,          # one TOFU author (each has 20 QA pairs)
-    retain_items=20,          # one retained author, also in TOFU's retain evaluation set
-    max_len=80,               # prompt ~25 tokens; longer answers are truncated
+    forget_items=10,          # half of one TOFU author (each has 20 QA pairs)
+    retain_items=10,          # retain items that TOFU's retain evaluation set also holds
+    max_len=64,               # prompt ~25 tokens; longer answers are truncated
     finetune_epochs=10.0,     # answer NLL 2.45 -> ~0.7 after 2 epochs at 3e-4 (measured)
     finetune_lr=3e-4,
     finetune_batch_size=8,
     lr=1e-4,
-    steps=5,                  # forget updates per run (alternating: 5 x (1 + 5) updates)
+    steps=4,                  # forget updates per run (alternating: 4 x (1 + 5) updates)
     batch_size=4,
-    eval_items=15,
-    max_new_tokens=32,
-    seeds="0,1",
+    eval_items=10,
+    max_new_tokens=24,
+    seeds="0",
 )
 
 
