@@ -5,6 +5,9 @@
 3. The "TOFU-tuned" model: a Llama of ``--model-size`` trained from scratch on every QA pair
    (forget + retain, and the real-authors / world-facts sets, which stand in for the knowledge
    a pretrained model would bring), cached as a checkpoint keyed by everything that shapes it.
+   With ``--model`` (``smollm2``, a ``.gguf`` file or a HF safetensors directory) the model and
+   tokenizer are the checkpoint's instead, fine-tuned on forget + retain of a TOFU subset, with
+   CPU-sized defaults (:mod:`dualoptim_jax.unlearn.pretrained`, ``docs/smollm2.md``).
 4. The retain-only model: the same recipe without the forget set (for forget quality), cached.
 5. Unlearning with ``--loss`` under every preset in ``--presets`` and every seed in ``--seeds``,
    each starting from the TOFU-tuned model.
