@@ -50,11 +50,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--optimizers", default="", help="comma-separated subset")
   parser.add_argument("--options", default="default,region",
                       help=f"compiler option sets: {','.join(common.COMPILER_OPTIONS)}")
-  parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat (smoke test)")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke test: tiny model, 1 repeat, optax.adamw and dualoptim_plus with "
+                           "the region options unless --optimizers / --options say otherwise")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.quick:
     args.repeats = 1
+    args.optimizers = args.optimizers or "optax.adamw,dualoptim_plus"
+    if args.options == parser.get_default("options"):
+      args.options = "region"
 
   config = LlamaConfig.tiny(vocab_size=256) if args.quick else bench_memory.llama_100m()
   params = bench_memory.abstract_params(config)

@@ -99,11 +99,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--repeats", type=int, default=25, help="timed rounds (default 25)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--objectives", default="static,traced")
-  parser.add_argument("--quick", action="store_true", help="tiny model and batch, 3 rounds")
+  parser.add_argument("--presets", default="",
+                      help="comma-separated subset (default: all; optax.adamw is always run)")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke test: tiny model and batch, 3 rounds, optax.adamw and "
+                           "dualoptim_plus (static) unless --presets / --objectives say otherwise")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.quick:
     args.vocab_size, args.batch_size, args.seq_len, args.repeats, args.warmup = 256, 2, 32, 3, 1
+    args.presets = args.presets or "dualoptim_plus"
+    if args.objectives == parser.get_default("objectives"):
+      args.objectives = "static"
   config = (LlamaConfig.tiny if args.quick else LlamaConfig.small)(args.vocab_size)
   objectives = [o for o in args.objectives.split(",") if o]
 
@@ -115,6 +122,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   tokens = args.batch_size * args.seq_len
   ks = [jnp.asarray(k, jnp.int32) for k in (0, 1)]
   cases, notes = presets(1e-4)
+  if args.presets:
+    wanted = {p.strip() for p in args.presets.split(",")}
+    unknown = wanted - {name for name, _, _ in cases}
+    if unknown:
+      raise SystemExit(f"unknown or unavailable preset(s) {sorted(unknown)}")
+    cases = [c for c in cases if c[0] == "optax.adamw" or c[0] in wanted]
 
   variants = []
   for name, make, multi in cases:
