@@ -43,14 +43,14 @@ __all__ = ["SMOLLM2", "DEFAULTS", "resolve_model", "model_fingerprint", "load_mo
 
 SMOLLM2 = "smollm2"
 
-# Flag defaults of a ``--model`` run, sized for a 2-core CPU (SmolLM2-135M timings in
-# docs/smollm2.md). Memorisation needs many passes over few
-# pairs: the issue measured only 9% -> 36% exact answers after 6 epochs over 400 pairs at 2e-4.
+# Flag defaults of a ``--model`` run, sized for a 2-core CPU (SmolLM2-135M, six presets, one seed:
+# 49 min on a shared 2-core machine; docs/smollm2.md). Memorisation needs many passes over few
+# pairs: 6 epochs over 400 pairs at 2e-4 reproduced only 36% of answers exactly.
 DEFAULTS: dict[str, Any] = dict(
     forget_items=10,          # half of one TOFU author (each has 20 QA pairs)
     retain_items=10,          # retain items that TOFU's retain evaluation set also holds
     max_len=64,               # prompt ~25 tokens; longer answers are truncated
-    finetune_epochs=10.0,     # answer NLL 2.45 -> ~0.7 after 2 epochs at 3e-4 (measured)
+    finetune_epochs=10.0,     # SmolLM2: answer NLL 2.45 -> 0.006, forget-set probability 0.998
     finetune_lr=3e-4,
     finetune_batch_size=8,
     lr=1e-4,
