@@ -14,7 +14,8 @@ traced one. Every preset runs the same single loss, so differences are the
 optimizer's alone (the real ``joint`` mode also evaluates two losses per step).
 
 Variants run interleaved, round-robin; the table gives the median step time,
-tokens/s and the ratio to ``optax.adamw``.
+tokens/s and the ratio to ``optax.adamw`` compiled with the same options
+(``--options default,region`` adds region-analysis copy insertion).
 
   python benchmarks/bench_train_step.py --out bench_train_step.json
   python benchmarks/bench_train_step.py --quick
@@ -64,6 +65,7 @@ def presets(learning_rate: float) -> tuple[list[tuple[str, Callable, bool]], lis
 class Variant:
   name: str
   objective: str
+  options: str
   calls: list[Callable]
   extra: list[tuple]
   state: list[Any]  # [params, opt_state]
@@ -77,7 +79,8 @@ class Variant:
     return seconds
 
 
-def make_step(graphdef, rest, tx, objective: str, k: int | None = None) -> Callable:
+def make_step(graphdef, rest, tx, objective: str, k: int | None = None,
+              options: str = "default") -> Callable:
   def loss_fn(params, ids):
     logits = nnx.merge(graphdef, params, rest)(ids[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
@@ -88,7 +91,7 @@ def make_step(graphdef, rest, tx, objective: str, k: int | None = None) -> Calla
     updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), compiler_options=common.COMPILER_OPTIONS[options])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--repeats", type=int, default=25, help="timed rounds (default 25)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--objectives", default="static,traced")
+  parser.add_argument("--options", default="default",
+                      help="compiler option sets, comma-separated: default (as the trainer "
+                           "compiles today), region (region-analysis copy insertion)")
   parser.add_argument("--presets", default="",
                       help="comma-separated subset (default: all; optax.adamw is always run)")
   parser.add_argument("--quick", action="store_true",
@@ -129,21 +135,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       raise SystemExit(f"unknown or unavailable preset(s) {sorted(unknown)}")
     cases = [c for c in cases if c[0] == "optax.adamw" or c[0] in wanted]
 
+  options = [o for o in args.options.split(",") if o]
+  for o in options:
+    if o not in common.COMPILER_OPTIONS:
+      raise SystemExit(f"unknown option set {o!r}; choose from {list(common.COMPILER_OPTIONS)}")
   variants = []
   for name, make, multi in cases:
     tx = make()
     params = jax.tree.map(jnp.copy, params0)
     state = [params, tx.init(params)]  # shared by this preset's variants
     for mode in (objectives if multi else ["-"]):
-      if mode == "static":
-        calls = [make_step(graphdef, rest, tx, "static", k) for k in (0, 1)]
-        extra = [(), ()]
-      elif mode == "traced":
-        calls = [make_step(graphdef, rest, tx, "traced")] * 2
-        extra = [(ks[0],), (ks[1],)]
-      else:
-        calls, extra = [make_step(graphdef, rest, tx, "-")], [()]
-      variants.append(Variant(name, mode, calls, extra, state))
+      for opt in options:
+        if mode == "static":
+          calls = [make_step(graphdef, rest, tx, "static", k, opt) for k in (0, 1)]
+          extra = [(), ()]
+        elif mode == "traced":
+          calls = [make_step(graphdef, rest, tx, "traced", None, opt)] * 2
+          extra = [(ks[0],), (ks[1],)]
+        else:
+          calls, extra = [make_step(graphdef, rest, tx, "-", None, opt)], [()]
+        variants.append(Variant(name, mode, opt, calls, extra, state))
 
   for v in variants:
     for r in range(max(args.warmup, len(v.calls))):  # compile every program
@@ -153,20 +164,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for v in variants[start:] + variants[:start]:
       v.times.append(v.run(r, ids))
 
-  reference = common.median(next(v for v in variants if v.name == "optax.adamw").times)
+  reference = {v.options: common.median(v.times) for v in variants if v.name == "optax.adamw"}
   rows = []
   for v in variants:
     t = common.median(v.times)
-    rows.append(dict(preset=v.name, objective=v.objective, median_ms=1e3 * t,
-                     min_ms=1e3 * min(v.times), tokens_per_s=tokens / t,
-                     ratio_to_adamw=t / reference, calls=len(v.times)))
+    rows.append(dict(preset=v.name, objective=v.objective, compiler_options=v.options,
+                     median_ms=1e3 * t, min_ms=1e3 * min(v.times), tokens_per_s=tokens / t,
+                     ratio_to_adamw=t / reference[v.options], calls=len(v.times)))
 
   for note in notes:
     print(f"note: {note}")
   print(f"model: {config} ({n_params / 1e6:.2f}M parameters), batch {args.batch_size} x "
         f"{args.seq_len} tokens")
   common.print_table(rows, [
-      ("preset", "preset", ""), ("objective", "objective", ""), ("median_ms", "ms", ".1f"),
+      ("preset", "preset", ""), ("objective", "objective", ""),
+      ("compiler_options", "options", ""), ("median_ms", "ms", ".1f"),
       ("tokens_per_s", "tokens/s", ".0f"), ("ratio_to_adamw", "x adamw", ".3f"),
   ])
   payload = dict(benchmark="train_step", machine=common.machine_info(), repeats=args.repeats,
