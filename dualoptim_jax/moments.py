@@ -270,12 +270,21 @@ def shared_base_moments(
         _reciprocal_correction(m.decay, t_prev, dtype),
     )
 
-  def objective_step(updates, base, delta, n_prev, t_prev):
-    """The updates and the new deltas of the active objective."""
+  def objective_step(updates, base, n_prev, t_prev, old, new=None):
+    """The updates and one objective's new stored deltas.
+
+    Args:
+      updates: the gradients.
+      base: the stored base (``()`` without one).
+      n_prev, t_prev: global and objective steps before this one.
+      old: ``old(i, j, dtype)``, the objective's delta of moment ``i`` for leaf
+        ``j`` before this step, decoded.
+      new: ``new(i, j, dtype, d_new)``, the delta after this step as the
+        direction uses it (default: ``d_new``, this step's unrounded EMA).
+    """
     leaves, treedef = jax.tree.flatten(updates)
     codecs = codecs_for(updates)
     base_leaves = [treedef.flatten_up_to(b) for b in base]
-    delta_leaves = [treedef.flatten_up_to(d) for d in delta]
     scale_cache = {}
     new_updates, new_delta = [], [[] for _ in moments]
     for j, g in enumerate(leaves):
@@ -288,16 +297,18 @@ def shared_base_moments(
         if key not in scale_cache:
           scale_cache[key] = scales(m, dtype, n_prev, t_prev)
         base_scale, delta_scale, prev_scale = scale_cache[key]
-        d = delta_codec.decode(delta_leaves[i][j]).astype(dtype)
+        d = old(i, j, dtype)
         s = m.statistic(gc)
         if use_base:
           b_hat = base_codec.decode(base_leaves[i][j]).astype(dtype) * base_scale
           d_new = m.decay * d + (1 - m.decay) * (s - b_hat)
-          current.append(d_new * delta_scale + b_hat)
+          d_used = d_new if new is None else new(i, j, dtype, d_new)
+          current.append(d_used * delta_scale + b_hat)
           previous.append(d * prev_scale + b_hat)
         else:
           d_new = m.decay * d + (1 - m.decay) * s
-          current.append(d_new * delta_scale)
+          d_used = d_new if new is None else new(i, j, dtype, d_new)
+          current.append(d_used * delta_scale)
           previous.append(d * prev_scale)
         new_delta[i].append(delta_codec.encode(d_new))
       new_updates.append(direction(current, previous, gc).astype(g.dtype))
@@ -306,45 +317,118 @@ def shared_base_moments(
         tuple(treedef.unflatten(x) for x in new_delta),
     )
 
-  def base_step(updates, base):
-    """The shared base after this step (independent of the objective)."""
+  def base_step(updates, base, keep=None):
+    """The shared base after this step (independent of the objective).
+
+    ``keep``: a traced bool; where True the stored base is returned unchanged.
+    """
     leaves, treedef = jax.tree.flatten(updates)
     codecs = codecs_for(updates)
     new_base = []
     for i, m in enumerate(moments):
       out = []
-      for j, (g, b) in enumerate(zip(leaves, treedef.flatten_up_to(base[i]))):
+      for j, (g, stored) in enumerate(zip(leaves, treedef.flatten_up_to(base[i]))):
         dtype = _compute_dtype(g.dtype)
         codec = codecs[j][i][0]
-        b = codec.decode(b).astype(dtype)
+        b = codec.decode(stored).astype(dtype)
         b_new = m.base_decay * b + (1 - m.base_decay) * m.statistic(g.astype(dtype))
-        out.append(codec.encode(b_new))
+        encoded = codec.encode(b_new)
+        if keep is not None:
+          encoded = jax.tree.map(lambda x, y: jnp.where(keep, y, x), encoded, stored)
+        out.append(encoded)
       new_base.append(treedef.unflatten(out))
     return tuple(new_base)
 
-  def update_fn(updates, state, params=None, *, objective=None, **extra_args):
-    del params, extra_args
-    objective = objective_lib.check_objective(objective, num_objectives)
-    n_prev = state.count
-    new_updates, deltas = objective_lib.route(
+  def decoder(updates, stored_deltas):
+    """``(i, j, dtype) -> decoded stored delta`` of moment i, leaf j, one objective."""
+    leaves, treedef = jax.tree.flatten(updates)
+    codecs = codecs_for(updates)
+    flat = [treedef.flatten_up_to(d) for d in stored_deltas]
+    return lambda i, j, dtype: codecs[j][i][1].decode(flat[i][j]).astype(dtype)
+
+  def lossless(updates):
+    """``(i, j) -> whether`` moment i's deltas of leaf j are stored unrounded."""
+    leaves, _ = jax.tree.flatten(updates)
+    codecs = codecs_for(updates)
+
+    def check(i, j):
+      spec = jax.eval_shape(moments[i].statistic, _spec(leaves[j]))
+      stored = jax.eval_shape(codecs[j][i][1].init, spec)
+      return (isinstance(stored, jax.ShapeDtypeStruct)
+              and stored.dtype == _compute_dtype(leaves[j].dtype))
+
+    return check
+
+  def static_update(k: int, updates, state):
+    new_updates, delta = objective_step(
+        updates, state.base, state.count, state.counts[k],
+        decoder(updates, state.deltas[k]))
+    base = base_step(updates, state.base) if use_base else state.base
+    return new_updates, SharedBaseState(
+        count=numerics.safe_increment(state.count),
+        counts=state.counts.at[k].set(numerics.safe_increment(state.counts[k])),
+        base=base,
+        deltas=tuple(delta if kk == k else d for kk, d in enumerate(state.deltas)),
+    )
+
+  def traced_update(objective, updates, state):
+    """One program for every objective, with no conditional around the updates.
+
+    Each objective's deltas take this step's EMA in their own ``lax.cond``
+    (:func:`~dualoptim_jax.objective.update_in_place`; only the active one
+    fires, in place). The direction and the base EMAs run unconditionally: the
+    direction reads the active objective's deltas through elementwise selects,
+    so it fuses with what follows (weight decay, learning rate,
+    ``optax.apply_updates``) and the updates are never written to memory. On
+    XLA:CPU an update that leaves a conditional (``lax.switch``, or a result
+    threaded through the per-objective conditionals) is a fresh buffer written,
+    page-faulted and read back in every call: 1.8-3.5x the static program,
+    against 0.9-1.1x this way (``benchmarks/README.md``). An objective outside
+    [0, K) updates no state and gives NaN updates.
+    """
+    valid = objective_lib.is_valid(objective, num_objectives)
+    k = jnp.clip(objective, 0, num_objectives - 1)
+    n_prev, t_prev = state.count, state.counts[k]
+    deltas, ready = objective_lib.update_in_place(
         objective,
         state.deltas,
-        lambda k, delta: objective_step(
-            updates, state.base, delta, n_prev, state.counts[k]
-        ),
+        lambda kk, delta: objective_step(
+            updates, state.base, n_prev, state.counts[kk], decoder(updates, delta))[1],
     )
-    valid = objective_lib.is_valid(objective, num_objectives)
+    olds = [decoder(updates, d) for d in state.deltas]
+    news = [decoder(updates, d) for d in deltas]
+    is_lossless = lossless(updates)
+
+    def new(i, j, dtype, d_new):
+      if not is_lossless(i, j):  # rounded when stored: use this step's EMA as is
+        return d_new
+      return objective_lib.select(objective, [f(i, j, dtype) for f in news])
+
+    new_updates, _ = objective_step(
+        updates, state.base, n_prev, t_prev,
+        lambda i, j, dtype: objective_lib.select(objective, [f(i, j, dtype) for f in olds]),
+        new,
+    )
+    new_updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan), new_updates)
     base = state.base
     if use_base:
-      base = objective_lib.when(valid, lambda b: base_step(updates, b), base)
-    k = jnp.clip(objective, 0, num_objectives - 1)
-    counts = state.counts.at[k].set(numerics.safe_increment(state.counts[k]))
-    new_state = SharedBaseState(
+      # The base is overwritten in place, so its EMA must run after the
+      # conditionals that read it; selecting on their ``ready`` makes that a
+      # data dependence (else XLA:CPU writes the EMA to a temporary and copies).
+      base = base_step(updates, state.base, keep=~valid | (ready != 1))
+    counts = state.counts.at[k].set(numerics.safe_increment(t_prev))
+    return new_updates, SharedBaseState(
         count=jnp.where(valid, numerics.safe_increment(n_prev), n_prev),
         counts=jnp.where(valid, counts, state.counts),
         base=base,
         deltas=deltas,
     )
-    return new_updates, new_state
+
+  def update_fn(updates, state, params=None, *, objective=None, **extra_args):
+    del params, extra_args
+    objective = objective_lib.check_objective(objective, num_objectives)
+    if objective_lib.is_static(objective):
+      return static_update(objective, updates, state)
+    return traced_update(objective, updates, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -20,7 +20,7 @@ the parameters and is caught by ``jax.experimental.checkify`` with
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +114,55 @@ def when(pred: bool | jax.Array, fn: Callable[[S], S], operand: S) -> S:
   if isinstance(pred, bool):
     return fn(operand) if pred else operand
   return jax.lax.cond(pred, fn, lambda x: x, operand)
+
+
+def update_in_place(
+    objective: Objective,
+    states: tuple[S, ...],
+    update: Callable[[int, S], S],
+) -> tuple[tuple[S, ...], jax.Array]:
+  """Replaces the active objective's state by ``update(k, states[k])``.
+
+  Args:
+    objective: a validated objective (see :func:`check_objective`).
+    states: one state per objective.
+    update: ``update(k, state) -> new state`` for a static ``k``.
+
+  Returns:
+    ``(states with the active one replaced, ready)``. For a traced objective
+    each state goes through its own ``lax.cond`` (``update`` if active, else
+    unchanged) whose only other output is ``ready``, an exact float32 1.0:
+    multiplying a later computation by it orders that computation after the
+    conditionals without reading any array (see ``shared_base_moments``).
+    Nothing but the states leaves a conditional, so XLA updates them in place
+    and materialises nothing else. An out-of-range index updates no state.
+  """
+  # Each branch makes its own 1.0: a value passed through both branches would
+  # be forwarded by XLA, and the ordering lost.
+  one = lambda: jnp.ones([], jnp.float32)
+  if is_static(objective):
+    return tuple(update(j, s) if j == objective else s for j, s in enumerate(states)), one()
+  new_states, ready = [], one()
+  for j, state in enumerate(states):
+    new, done = jax.lax.cond(
+        objective == j,
+        lambda s, j=j: (update(j, s), one()),
+        lambda s: (s, one()),
+        state,
+    )
+    new_states.append(new)
+    ready = ready * done
+  return tuple(new_states), ready
+
+
+def select(objective: Objective, values: Sequence[jax.Array]) -> jax.Array:
+  """``values[objective]``, elementwise (``values[K-1]`` beyond the range)."""
+  if is_static(objective):
+    return values[objective]
+  out = values[-1]
+  for j in range(len(values) - 2, -1, -1):
+    out = jnp.where(objective == j, values[j], out)
+  return out
 
 
 def route(
