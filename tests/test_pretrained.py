@@ -96,8 +96,13 @@ def test_main_job_from_a_safetensors_directory(tmp_path):
     assert any("fine-tuned 2 steps on 8 QA" in line for line in logs)  # 2 epochs x 8 pairs / batch 8
     assert "[forget 4, retain 4]" in json.dumps(doc)
     logs.clear()
-    cli.run(cli.parse_args(argv), log=logs.append)
+    again = cli.run(cli.parse_args(argv), log=logs.append)
     assert sum("loaded cached model" in line for line in logs) == 2
+    # Loading the cached retain-only model must not overwrite the cached tuned one (they share
+    # the pretrained start): the rerun's rows equal the first run's.
+    for row in ("Initial", "Retain-only"):
+        assert again["rows"][row]["mean"]["forget_prob"] == doc["rows"][row]["mean"]["forget_prob"]
+    assert doc["rows"]["Initial"]["mean"]["forget_prob"] != doc["rows"]["Retain-only"]["mean"]["forget_prob"]
 
 
 # ------------------------------------------------------------------------------------------------

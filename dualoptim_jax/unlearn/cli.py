@@ -317,8 +317,9 @@ def tuned_model(kind: str, items: Sequence[D.QAItem], tok: Tokenizer, cfg: RunCo
                   steps, cfg.finetune_lr, cfg.finetune_batch_size, cfg.model_seed, cfg.max_len)
     path = cache / "models" / f"{kind}-{name}-{key}.npz"
     if path.is_file():
-        if init is not None:  # load into a copy: the pretrained model stays as it is
-            model = nnx.merge(*nnx.split(model))
+        if init is not None:  # load into a copy with its own arrays: the pretrained model stays as it is
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
         load_params(model, path)
         log(f"[{kind}] loaded cached model {path}")
         return model
