@@ -109,13 +109,6 @@ def is_valid(objective: Objective, num_objectives: int) -> bool | jax.Array:
   return (objective >= 0) & (objective < num_objectives)
 
 
-def when(pred: bool | jax.Array, fn: Callable[[S], S], operand: S) -> S:
-  """``fn(operand)`` if ``pred`` else ``operand``; no branch for a Python bool."""
-  if isinstance(pred, bool):
-    return fn(operand) if pred else operand
-  return jax.lax.cond(pred, fn, lambda x: x, operand)
-
-
 def update_in_place(
     objective: Objective,
     states: tuple[S, ...],
