@@ -19,13 +19,13 @@ import argparse
 import time
 from typing import Any
 
+import bench_memory
+import bench_update
+import common
 import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-import bench_memory
-import bench_update
-import common
 from dualoptim_jax.models.llama import LlamaConfig
 
 
@@ -48,11 +48,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=3, help="compilations per program")
   parser.add_argument("--optimizers", default="", help="comma-separated subset")
-  parser.add_argument("--options", default="default,region",
-                      help=f"compiler option sets: {','.join(common.COMPILER_OPTIONS)}")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke test: tiny model, 1 repeat, optax.adamw and dualoptim_plus with "
-                           "the region options unless --optimizers / --options say otherwise")
+  parser.add_argument(
+    "--options",
+    default="default,region",
+    help=f"compiler option sets: {','.join(common.COMPILER_OPTIONS)}",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke test: tiny model, 1 repeat, optax.adamw and dualoptim_plus with "
+    "the region options unless --optimizers / --options say otherwise",
+  )
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.quick:
@@ -76,13 +82,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for opt in options:
       if case.multi_objective:
         for k in (0, 1):
-          programs.append((case.name, f"static k={k}", opt,
-                           bench_update.update_step(tx, "static", k), (params, state, grads)))
-        programs.append((case.name, "traced", opt, bench_update.update_step(tx, "traced"),
-                         (params, state, grads, k_spec)))
+          programs.append(
+            (
+              case.name,
+              f"static k={k}",
+              opt,
+              bench_update.update_step(tx, "static", k),
+              (params, state, grads),
+            )
+          )
+        programs.append(
+          (
+            case.name,
+            "traced",
+            opt,
+            bench_update.update_step(tx, "traced"),
+            (params, state, grads, k_spec),
+          )
+        )
       else:
-        programs.append((case.name, "-", opt, bench_update.update_step(tx, "-"),
-                         (params, state, grads)))
+        programs.append(
+          (case.name, "-", opt, bench_update.update_step(tx, "-"), (params, state, grads))
+        )
 
   times: dict[tuple, list[tuple[float, float]]] = {p[:3]: [] for p in programs}
   for _ in tqdm(range(args.repeats), desc="compile", leave=False):
@@ -93,28 +114,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for (name, program, opt), ts in times.items():
     lower = common.median([t[0] for t in ts])
     comp = common.median([t[1] for t in ts])
-    rows.append(dict(optimizer=name, program=program, compiler_options=opt,
-                     lower_s=lower, compile_s=comp, total_s=lower + comp))
+    rows.append(
+      dict(
+        optimizer=name,
+        program=program,
+        compiler_options=opt,
+        lower_s=lower,
+        compile_s=comp,
+        total_s=lower + comp,
+      )
+    )
   for row in rows:  # traced vs all static programs together (one per objective)
     if row["program"] == "traced":
-      static = [r["total_s"] for r in rows if r["optimizer"] == row["optimizer"]
-                and r["compiler_options"] == row["compiler_options"]
-                and r["program"].startswith("static")]
+      static = [
+        r["total_s"]
+        for r in rows
+        if r["optimizer"] == row["optimizer"]
+        and r["compiler_options"] == row["compiler_options"]
+        and r["program"].startswith("static")
+      ]
       row["ratio_to_all_static"] = row["total_s"] / sum(static)
       row["ratio_to_one_static"] = row["total_s"] / (sum(static) / len(static))
 
   for note in notes:
     print(f"note: {note}")
   print(f"layout: {config}")
-  common.print_table(rows, [
-      ("optimizer", "optimizer", ""), ("program", "program", ""),
-      ("compiler_options", "options", ""), ("lower_s", "trace+lower s", ".2f"),
-      ("compile_s", "compile s", ".2f"), ("total_s", "total s", ".2f"),
+  common.print_table(
+    rows,
+    [
+      ("optimizer", "optimizer", ""),
+      ("program", "program", ""),
+      ("compiler_options", "options", ""),
+      ("lower_s", "trace+lower s", ".2f"),
+      ("compile_s", "compile s", ".2f"),
+      ("total_s", "total s", ".2f"),
       ("ratio_to_one_static", "x one static", ".2f"),
       ("ratio_to_all_static", "x all static", ".2f"),
-  ])
-  payload = dict(benchmark="compile", machine=common.machine_info(), repeats=args.repeats,
-                 notes=notes, layout=repr(config), results=rows)
+    ],
+  )
+  payload = dict(
+    benchmark="compile",
+    machine=common.machine_info(),
+    repeats=args.repeats,
+    notes=notes,
+    layout=repr(config),
+    results=rows,
+  )
   common.write_json(args.out, payload)
   return payload
 

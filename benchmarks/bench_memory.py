@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import common
 import jax
 import numpy as np
 from flax import nnx
 
-import common
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 
 # issue 7: the 8-bit DualOptim+ state must hold <= 6.2 B/param.
@@ -32,8 +32,7 @@ TARGETS = {"dualoptim_plus_8bit": 6.2}
 
 
 def llama_100m() -> LlamaConfig:
-  return LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4,
-                     ffn_dim=2048)
+  return LlamaConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048)
 
 
 def abstract_params(config: LlamaConfig) -> Any:
@@ -71,27 +70,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = common.state_nbytes(state)
     by_dtype = bytes_by_dtype(state)
     target = TARGETS.get(case.name)
-    rows.append(dict(
-        optimizer=case.name, params=n, state_bytes=total, bytes_per_param=total / n,
+    rows.append(
+      dict(
+        optimizer=case.name,
+        params=n,
+        state_bytes=total,
+        bytes_per_param=total / n,
         touched_bytes_per_param=common.touched_state_nbytes(state, 0) / n,
         uint8_bytes_per_param=by_dtype.get("uint8", 0) / n,
         float32_bytes_per_param=by_dtype.get("float32", 0) / n,
         target_bytes_per_param=target,
         meets_target=None if target is None else total / n <= target,
-    ))
+      )
+    )
 
   for note in notes:
     print(f"note: {note}")
   print(f"layout: {config}, {n / 1e6:.1f}M parameters in {len(leaves)} tensors")
-  common.print_table(rows, [
-      ("optimizer", "optimizer", ""), ("bytes_per_param", "B/param", ".3f"),
+  common.print_table(
+    rows,
+    [
+      ("optimizer", "optimizer", ""),
+      ("bytes_per_param", "B/param", ".3f"),
       ("touched_bytes_per_param", "touched B/param", ".3f"),
-      ("uint8_bytes_per_param", "uint8", ".3f"), ("float32_bytes_per_param", "float32", ".3f"),
-      ("target_bytes_per_param", "target", ".1f"), ("meets_target", "ok", ""),
-  ])
-  payload = dict(benchmark="memory", machine=common.machine_info(), notes=notes,
-                 layout=dict(config=repr(config), params=n, tensors=len(leaves)),
-                 results=rows)
+      ("uint8_bytes_per_param", "uint8", ".3f"),
+      ("float32_bytes_per_param", "float32", ".3f"),
+      ("target_bytes_per_param", "target", ".1f"),
+      ("meets_target", "ok", ""),
+    ],
+  )
+  payload = dict(
+    benchmark="memory",
+    machine=common.machine_info(),
+    notes=notes,
+    layout=dict(config=repr(config), params=n, tensors=len(leaves)),
+    results=rows,
+  )
   common.write_json(args.out, payload)
   return payload
 

@@ -58,12 +58,12 @@ def make_variants(block_size: int):
     return q(m, True), q(v, False), m / (jnp.sqrt(v) + EPS)
 
   return dict(
-      ema_f32=(jax.jit(ema_f32, donate_argnums=0), 1),
-      ema_8bit=(jax.jit(ema_8bit, donate_argnums=0), 1),
-      adam_f32=(jax.jit(adam_f32, donate_argnums=(0, 1)), 2),
-      adam_8bit=(jax.jit(adam_8bit, donate_argnums=(0, 1)), 2),
-      encode=(jax.jit(lambda x: q(x, True)), 0),
-      decode=(jax.jit(lambda s: dq(s, True)), 0),
+    ema_f32=(jax.jit(ema_f32, donate_argnums=0), 1),
+    ema_8bit=(jax.jit(ema_8bit, donate_argnums=0), 1),
+    adam_f32=(jax.jit(adam_f32, donate_argnums=(0, 1)), 2),
+    adam_8bit=(jax.jit(adam_8bit, donate_argnums=(0, 1)), 2),
+    encode=(jax.jit(lambda x: q(x, True)), 0),
+    decode=(jax.jit(lambda s: dq(s, True)), 0),
   )
 
 
@@ -82,20 +82,17 @@ def main() -> None:
   variants = make_variants(args.block_size)
   # Each variant's carried state (its donated inputs) and fixed inputs.
   state = dict(
-      ema_f32=[jnp.zeros(shape)],
-      ema_8bit=[qz.quantize_blockwise(jnp.zeros(shape), signed=True,
-                                      block_size=args.block_size)],
-      adam_f32=[jnp.zeros(shape), jnp.zeros(shape)],
-      adam_8bit=[qz.quantize_blockwise(jnp.zeros(shape), signed=True,
-                                       block_size=args.block_size),
-                 qz.quantize_blockwise(jnp.zeros(shape), signed=False,
-                                       block_size=args.block_size)],
-      encode=[x],
-      decode=[qz.quantize_blockwise(x, signed=True,
-                                    block_size=args.block_size)],
+    ema_f32=[jnp.zeros(shape)],
+    ema_8bit=[qz.quantize_blockwise(jnp.zeros(shape), signed=True, block_size=args.block_size)],
+    adam_f32=[jnp.zeros(shape), jnp.zeros(shape)],
+    adam_8bit=[
+      qz.quantize_blockwise(jnp.zeros(shape), signed=True, block_size=args.block_size),
+      qz.quantize_blockwise(jnp.zeros(shape), signed=False, block_size=args.block_size),
+    ],
+    encode=[x],
+    decode=[qz.quantize_blockwise(x, signed=True, block_size=args.block_size)],
   )
-  extra = dict(ema_f32=[g], ema_8bit=[g], adam_f32=[g], adam_8bit=[g],
-               encode=[], decode=[])
+  extra = dict(ema_f32=[g], ema_8bit=[g], adam_f32=[g], adam_8bit=[g], encode=[], decode=[])
 
   def call(name):
     fn, n_carry = variants[name]
@@ -118,21 +115,30 @@ def main() -> None:
       cpu[name].append(time.process_time() - c0)
 
   stats = {
-      "median": {k: float(np.median(v)) for k, v in wall.items()},
-      "min": {k: float(np.min(v)) for k, v in wall.items()},
-      "cpu": {k: float(np.median(v)) for k, v in cpu.items()},
+    "median": {k: float(np.median(v)) for k, v in wall.items()},
+    "min": {k: float(np.min(v)) for k, v in wall.items()},
+    "cpu": {k: float(np.median(v)) for k, v in cpu.items()},
   }
-  base = dict(ema_f32="ema_f32", ema_8bit="ema_f32", adam_f32="adam_f32",
-              adam_8bit="adam_f32", encode="ema_f32", decode="ema_f32")
-  print(f"{shape[0]}x{shape[1]} = {np.prod(shape) / 1e6:.1f}M elements, "
-        f"block_size {args.block_size}, {jax.devices()[0].device_kind}, "
-        f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+  base = dict(
+    ema_f32="ema_f32",
+    ema_8bit="ema_f32",
+    adam_f32="adam_f32",
+    adam_8bit="adam_f32",
+    encode="ema_f32",
+    decode="ema_f32",
+  )
+  print(
+    f"{shape[0]}x{shape[1]} = {np.prod(shape) / 1e6:.1f}M elements, "
+    f"block_size {args.block_size}, {jax.devices()[0].device_kind}, "
+    f"{platform.processor() or platform.machine()}, jax {jax.__version__}"
+  )
   print("ms and ratio to the float32 update (ema_f32 for encode/decode)")
   print(f"{'variant':10s}" + "".join(f"{k + ' ms':>12s} {'ratio':>6s}" for k in stats))
   for name in variants:
-    print(f"{name:10s}" + "".join(
-        f"{v[name] * 1e3:12.2f} {v[name] / v[base[name]]:6.2f}"
-        for v in stats.values()))
+    print(
+      f"{name:10s}"
+      + "".join(f"{v[name] * 1e3:12.2f} {v[name] / v[base[name]]:6.2f}" for v in stats.values())
+    )
 
 
 if __name__ == "__main__":

@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import common
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from tqdm import tqdm
 
-import common
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 
 try:  # the trainer's presets, when this build has the trainer
@@ -44,8 +45,15 @@ except ImportError:  # pragma: no cover - older builds
 
 def presets(learning_rate: float) -> tuple[list[tuple[str, Callable, bool]], list[str]]:
   """(name, make, multi_objective) for the reference and each available preset."""
-  out = [("optax.adamw", lambda: optax.with_extra_args_support(
-      optax.adamw(learning_rate, weight_decay=common.WEIGHT_DECAY)), False)]
+  out = [
+    (
+      "optax.adamw",
+      lambda: optax.with_extra_args_support(
+        optax.adamw(learning_rate, weight_decay=common.WEIGHT_DECAY)
+      ),
+      False,
+    )
+  ]
   notes = []
   if trainer_lib is None:
     notes.append("dualoptim_jax.unlearn.trainer missing: using the bare optimizers")
@@ -56,7 +64,8 @@ def presets(learning_rate: float) -> tuple[list[tuple[str, Callable, bool]], lis
       notes.append(f"preset {name} skipped: this build cannot make it")
       continue
     make = lambda name=name: trainer_lib.make_optimizer(
-        name, learning_rate, weight_decay=common.WEIGHT_DECAY)
+      name, learning_rate, weight_decay=common.WEIGHT_DECAY
+    )
     out.append((name, make, spec.mode == "alternate"))
   return out, notes
 
@@ -74,13 +83,15 @@ class Variant:
   def run(self, r: int, batch) -> float:
     i = r % len(self.calls)
     seconds, out = common.time_call(
-        lambda: self.calls[i](self.state[0], self.state[1], batch, *self.extra[i]))
+      lambda: self.calls[i](self.state[0], self.state[1], batch, *self.extra[i])
+    )
     self.state[0], self.state[1], _ = out
     return seconds
 
 
-def make_step(graphdef, rest, tx, objective: str, k: int | None = None,
-              options: str = "default") -> Callable:
+def make_step(
+  graphdef, rest, tx, objective: str, k: int | None = None, options: str = "default"
+) -> Callable:
   def loss_fn(params, ids):
     logits = nnx.merge(graphdef, params, rest)(ids[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
@@ -102,14 +113,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--repeats", type=int, default=25, help="timed rounds (default 25)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--objectives", default="static,traced")
-  parser.add_argument("--options", default="default",
-                      help="compiler option sets, comma-separated: default (as the trainer "
-                           "compiles today), region (region-analysis copy insertion)")
-  parser.add_argument("--presets", default="",
-                      help="comma-separated subset (default: all; optax.adamw is always run)")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke test: tiny model and batch, 3 rounds, optax.adamw and "
-                           "dualoptim_plus (static) unless --presets / --objectives say otherwise")
+  parser.add_argument(
+    "--options",
+    default="default",
+    help="compiler option sets, comma-separated: default (as the trainer "
+    "compiles today), region (region-analysis copy insertion)",
+  )
+  parser.add_argument(
+    "--presets", default="", help="comma-separated subset (default: all; optax.adamw is always run)"
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke test: tiny model and batch, 3 rounds, optax.adamw and "
+    "dualoptim_plus (static) unless --presets / --objectives say otherwise",
+  )
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.quick:
@@ -123,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   model = Llama(config, rngs=nnx.Rngs(0))
   graphdef, params0, rest = nnx.split(model, nnx.Param, ...)
   n_params = sum(x.size for x in jax.tree.leaves(params0))
-  ids = jax.random.randint(jax.random.key(1), (args.batch_size, args.seq_len + 1), 0,
-                           args.vocab_size, jnp.int32)
+  ids = jax.random.randint(
+    jax.random.key(1), (args.batch_size, args.seq_len + 1), 0, args.vocab_size, jnp.int32
+  )
   tokens = args.batch_size * args.seq_len
   ks = [jnp.asarray(k, jnp.int32) for k in (0, 1)]
   cases, notes = presets(1e-4)
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tx = make()
     params = jax.tree.map(jnp.copy, params0)
     state = [params, tx.init(params)]  # shared by this preset's variants
-    for mode in (objectives if multi else ["-"]):
+    for mode in objectives if multi else ["-"]:
       for opt in options:
         if mode == "static":
           calls = [make_step(graphdef, rest, tx, "static", k, opt) for k in (0, 1)]
@@ -168,22 +187,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   rows = []
   for v in variants:
     t = common.median(v.times)
-    rows.append(dict(preset=v.name, objective=v.objective, compiler_options=v.options,
-                     median_ms=1e3 * t, min_ms=1e3 * min(v.times), tokens_per_s=tokens / t,
-                     ratio_to_adamw=t / reference[v.options], calls=len(v.times)))
+    rows.append(
+      dict(
+        preset=v.name,
+        objective=v.objective,
+        compiler_options=v.options,
+        median_ms=1e3 * t,
+        min_ms=1e3 * min(v.times),
+        tokens_per_s=tokens / t,
+        ratio_to_adamw=t / reference[v.options],
+        calls=len(v.times),
+      )
+    )
 
   for note in notes:
     print(f"note: {note}")
-  print(f"model: {config} ({n_params / 1e6:.2f}M parameters), batch {args.batch_size} x "
-        f"{args.seq_len} tokens")
-  common.print_table(rows, [
-      ("preset", "preset", ""), ("objective", "objective", ""),
-      ("compiler_options", "options", ""), ("median_ms", "ms", ".1f"),
-      ("tokens_per_s", "tokens/s", ".0f"), ("ratio_to_adamw", "x adamw", ".3f"),
-  ])
-  payload = dict(benchmark="train_step", machine=common.machine_info(), repeats=args.repeats,
-                 notes=notes, model=repr(config), params=n_params, batch_size=args.batch_size,
-                 seq_len=args.seq_len, results=rows)
+  print(
+    f"model: {config} ({n_params / 1e6:.2f}M parameters), batch {args.batch_size} x "
+    f"{args.seq_len} tokens"
+  )
+  common.print_table(
+    rows,
+    [
+      ("preset", "preset", ""),
+      ("objective", "objective", ""),
+      ("compiler_options", "options", ""),
+      ("median_ms", "ms", ".1f"),
+      ("tokens_per_s", "tokens/s", ".0f"),
+      ("ratio_to_adamw", "x adamw", ".3f"),
+    ],
+  )
+  payload = dict(
+    benchmark="train_step",
+    machine=common.machine_info(),
+    repeats=args.repeats,
+    notes=notes,
+    model=repr(config),
+    params=n_params,
+    batch_size=args.batch_size,
+    seq_len=args.seq_len,
+    results=rows,
+  )
   common.write_json(args.out, payload)
   return payload
 

@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import common
 import jax
 import jax.numpy as jnp
 import optax
 from tqdm import tqdm
-
-import common
 
 TRIAD_SCALE = 0.5
 
@@ -127,29 +127,53 @@ def build_variants(layout, cases, option_names, objectives) -> tuple[list[Varian
     for mode in modes:
       for opt in option_names:
         if mode == "static":
-          calls = [compile_step(update_step(tx, "static", k), (params, state, grads), (0, 1), opt)
-                   for k in (0, 1)]
+          calls = [
+            compile_step(update_step(tx, "static", k), (params, state, grads), (0, 1), opt)
+            for k in (0, 1)
+          ]
           extra = [(grads,), (grads,)]
         elif mode == "traced":
-          calls = [compile_step(update_step(tx, "traced"), (params, state, grads, ks[0]),
-                                (0, 1), opt)] * 2
+          calls = [
+            compile_step(update_step(tx, "traced"), (params, state, grads, ks[0]), (0, 1), opt)
+          ] * 2
           extra = [(grads, ks[0]), (grads, ks[1])]
         else:
           calls = [compile_step(update_step(tx, "-"), (params, state, grads), (0, 1), opt)]
           extra = [(grads,)]
-        variants.append(Variant(case.name, mode, opt, buffers, calls, extra, minimal,
-                                common.hlo_stats(calls[0])))
+        variants.append(
+          Variant(case.name, mode, opt, buffers, calls, extra, minimal, common.hlo_stats(calls[0]))
+        )
 
   a, b = common.make_tree(layout, seed=2), common.make_tree(layout, seed=3)
   triad_buffers, axpy_buffers = Buffers((a,)), Buffers((common.make_tree(layout, seed=4),))
   for opt in option_names:
     call = compile_step(triad_step, (a, b, grads), (0,), opt)
-    variants.append(Variant("triad", "triad", opt, triad_buffers, [call], [(b, grads)],
-                            3 * param_bytes / n, common.hlo_stats(call)))
+    variants.append(
+      Variant(
+        "triad",
+        "triad",
+        opt,
+        triad_buffers,
+        [call],
+        [(b, grads)],
+        3 * param_bytes / n,
+        common.hlo_stats(call),
+      )
+    )
   for opt in option_names:
     call = compile_step(axpy_step, (axpy_buffers.arrays[0], grads), (0,), opt)
-    variants.append(Variant("axpy", "axpy", opt, axpy_buffers, [call], [(grads,)],
-                            3 * param_bytes / n, common.hlo_stats(call)))
+    variants.append(
+      Variant(
+        "axpy",
+        "axpy",
+        opt,
+        axpy_buffers,
+        [call],
+        [(grads,)],
+        3 * param_bytes / n,
+        common.hlo_stats(call),
+      )
+    )
   return variants, n
 
 
@@ -177,45 +201,69 @@ def summarise(variants: list[Variant], layout, n: int) -> list[dict[str, Any]]:
     gbps = v.bytes_per_param * n / t / 1e9
     triad_gbps = 3 * 4 * n / triad / 1e9 if triad else None
     axpy_gbps = 3 * 4 * n / axpy / 1e9 if axpy else None
-    rows.append(dict(
-        size=common.layout_label(layout), params=n, optimizer=v.optimizer,
-        objective=v.objective, compiler_options=v.options,
-        median_ms=1e3 * t, min_ms=1e3 * min(v.times), calls=len(v.times),
+    rows.append(
+      dict(
+        size=common.layout_label(layout),
+        params=n,
+        optimizer=v.optimizer,
+        objective=v.objective,
+        compiler_options=v.options,
+        median_ms=1e3 * t,
+        min_ms=1e3 * min(v.times),
+        calls=len(v.times),
         ratio_to_adamw=(t / adamw) if adamw and v.objective not in ("triad", "axpy") else None,
         ratio_to_static=(t / static) if v.objective == "traced" and static else None,
-        min_bytes_per_param=v.bytes_per_param, gb_per_s=gbps,
+        min_bytes_per_param=v.bytes_per_param,
+        gb_per_s=gbps,
         fraction_of_triad=(gbps / triad_gbps) if triad_gbps else None,
         fraction_of_axpy=(gbps / axpy_gbps) if axpy_gbps else None,
-        hlo_bytes_per_param=v.hlo["kernel_bytes"] / n, hlo_kernels=v.hlo["kernels"],
-        hlo_copies=v.hlo["copies"], hlo_conditionals=v.hlo["conditionals"],
-    ))
+        hlo_bytes_per_param=v.hlo["kernel_bytes"] / n,
+        hlo_kernels=v.hlo["kernels"],
+        hlo_copies=v.hlo["copies"],
+        hlo_conditionals=v.hlo["conditionals"],
+      )
+    )
   return rows
 
 
 COLUMNS = [
-    ("size", "size", ""), ("optimizer", "optimizer", ""), ("objective", "objective", ""),
-    ("compiler_options", "options", ""), ("median_ms", "ms", ".1f"),
-    ("ratio_to_adamw", "x adamw", ".2f"), ("ratio_to_static", "x static", ".2f"),
-    ("min_bytes_per_param", "min B/param", ".0f"), ("gb_per_s", "GB/s", ".1f"),
-    ("fraction_of_triad", "x triad", ".2f"), ("fraction_of_axpy", "x axpy", ".2f"),
-    ("hlo_bytes_per_param", "HLO B/param", ".0f"),
-    ("hlo_copies", "copies", ""),
+  ("size", "size", ""),
+  ("optimizer", "optimizer", ""),
+  ("objective", "objective", ""),
+  ("compiler_options", "options", ""),
+  ("median_ms", "ms", ".1f"),
+  ("ratio_to_adamw", "x adamw", ".2f"),
+  ("ratio_to_static", "x static", ".2f"),
+  ("min_bytes_per_param", "min B/param", ".0f"),
+  ("gb_per_s", "GB/s", ".1f"),
+  ("fraction_of_triad", "x triad", ".2f"),
+  ("fraction_of_axpy", "x axpy", ".2f"),
+  ("hlo_bytes_per_param", "HLO B/param", ".0f"),
+  ("hlo_copies", "copies", ""),
 ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--sizes", default="32M,4M",
-                      help="comma-separated layouts: 32M, 4M, quick or LxRxC (default 32M,4M)")
+  parser.add_argument(
+    "--sizes",
+    default="32M,4M",
+    help="comma-separated layouts: 32M, 4M, quick or LxRxC (default 32M,4M)",
+  )
   parser.add_argument("--repeats", type=int, default=25, help="timed rounds (default 25)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
-  parser.add_argument("--optimizers", default="",
-                      help="comma-separated subset (default: all this build has)")
+  parser.add_argument(
+    "--optimizers", default="", help="comma-separated subset (default: all this build has)"
+  )
   parser.add_argument("--objectives", default="static,traced", help="static and/or traced")
-  parser.add_argument("--options", default="default,region",
-                      help=f"compiler option sets: {','.join(common.COMPILER_OPTIONS)}")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke test: size 'quick', 3 rounds, 1 warm-up")
+  parser.add_argument(
+    "--options",
+    default="default,region",
+    help=f"compiler option sets: {','.join(common.COMPILER_OPTIONS)}",
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="smoke test: size 'quick', 3 rounds, 1 warm-up"
+  )
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
   if args.quick:
@@ -247,12 +295,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"note: {note}")
   common.print_table(rows, COLUMNS)
   payload = dict(
-      benchmark="update", machine=common.machine_info(), repeats=args.repeats,
-      warmup=args.warmup, notes=notes,
-      traffic_model=("minimal bytes/param = grads + 2 x params + 2 x state touched by the update "
-                     "(active objective only); triad = 3 x 4 B"),
-      compiler_options={k: v for k, v in common.COMPILER_OPTIONS.items() if k in options},
-      results=rows,
+    benchmark="update",
+    machine=common.machine_info(),
+    repeats=args.repeats,
+    warmup=args.warmup,
+    notes=notes,
+    traffic_model=(
+      "minimal bytes/param = grads + 2 x params + 2 x state touched by the update "
+      "(active objective only); triad = 3 x 4 B"
+    ),
+    compiler_options={k: v for k, v in common.COMPILER_OPTIONS.items() if k in options},
+    results=rows,
   )
   common.write_json(args.out, payload)
   return payload

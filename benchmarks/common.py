@@ -18,7 +18,8 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,8 @@ import dualoptim_jax as dj
 # (issue 2, "Facts measured here").
 REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 COMPILER_OPTIONS: dict[str, dict[str, Any] | None] = {
-    "default": None,
-    "region": REGION_ANALYSIS,
+  "default": None,
+  "region": REGION_ANALYSIS,
 }
 
 LEARNING_RATE = 1e-3
@@ -41,6 +42,7 @@ WEIGHT_DECAY = 0.01
 
 # ------------------------------------------------------------------------------------------------
 # Optimizers.
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerCase:
@@ -62,7 +64,7 @@ def _accepts(factory: Callable, keyword: str) -> bool:
 
 
 def optimizer_cases(
-    *, learning_rate: float = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY
+  *, learning_rate: float = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY
 ) -> tuple[list[OptimizerCase], list[str]]:
   """The optimizers this build provides, and notes on the ones it lacks.
 
@@ -71,25 +73,30 @@ def optimizer_cases(
   """
   kw = dict(weight_decay=weight_decay)
   cases = [
-      OptimizerCase("optax.adamw", lambda: optax.with_extra_args_support(
-          optax.adamw(learning_rate, **kw)), False),
-      OptimizerCase("dualoptim", lambda: dj.dualoptim(learning_rate, **kw), True),
-      OptimizerCase("dualoptim_plus", lambda: dj.dualoptim_plus(learning_rate, **kw), True),
+    OptimizerCase(
+      "optax.adamw", lambda: optax.with_extra_args_support(optax.adamw(learning_rate, **kw)), False
+    ),
+    OptimizerCase("dualoptim", lambda: dj.dualoptim(learning_rate, **kw), True),
+    OptimizerCase("dualoptim_plus", lambda: dj.dualoptim_plus(learning_rate, **kw), True),
   ]
   notes = []
   adamw_8bit = getattr(dj, "adamw_8bit", None)
   if adamw_8bit is not None:
-    cases.append(OptimizerCase(
-        "adamw_8bit", lambda: optax.with_extra_args_support(adamw_8bit(learning_rate, **kw)),
-        False))
+    cases.append(
+      OptimizerCase(
+        "adamw_8bit", lambda: optax.with_extra_args_support(adamw_8bit(learning_rate, **kw)), False
+      )
+    )
   else:
     notes.append("adamw_8bit skipped: dualoptim_jax.adamw_8bit does not exist in this build")
   for name in ("dualoptim", "dualoptim_plus"):
     factory = getattr(dj, name)
     if _accepts(factory, "state_bits"):
-      cases.append(OptimizerCase(
-          f"{name}_8bit",
-          lambda factory=factory: factory(learning_rate, state_bits=8, **kw), True))
+      cases.append(
+        OptimizerCase(
+          f"{name}_8bit", lambda factory=factory: factory(learning_rate, state_bits=8, **kw), True
+        )
+      )
     else:
       notes.append(f"{name}_8bit skipped: dualoptim_jax.{name} has no state_bits option yet")
   return cases, notes
@@ -121,8 +128,7 @@ def state_nbytes(tree: Any) -> int:
   try:
     from dualoptim_jax.quantize import state_nbytes as nbytes
   except ImportError:  # older builds: the plain sum
-    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree)))
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
   return nbytes(tree)
 
 
@@ -133,8 +139,11 @@ def _is_inactive(path: tuple, objective: int) -> bool:
   ``inner_states[j]`` (DualOptim); an update of objective k never touches j != k.
   """
   for a, b in zip(path, path[1:]):
-    if (isinstance(a, jax.tree_util.GetAttrKey) and a.name in ("deltas", "inner_states")
-        and isinstance(b, jax.tree_util.SequenceKey)):
+    if (
+      isinstance(a, jax.tree_util.GetAttrKey)
+      and a.name in ("deltas", "inner_states")
+      and isinstance(b, jax.tree_util.SequenceKey)
+    ):
       return b.idx != objective
   return False
 
@@ -170,12 +179,14 @@ def make_tree(layout: tuple[int, int, int], seed: int, scale: float = 1.0) -> di
   """A dict of ``L`` float32 ``R x C`` normal arrays (distinct buffers)."""
   leaves, rows, cols = layout
   keys = jax.random.split(jax.random.key(seed), leaves)
-  return {f"w{i}": scale * jax.random.normal(k, (rows, cols), jnp.float32)
-          for i, k in enumerate(keys)}
+  return {
+    f"w{i}": scale * jax.random.normal(k, (rows, cols), jnp.float32) for i, k in enumerate(keys)
+  }
 
 
 # ------------------------------------------------------------------------------------------------
 # Timing.
+
 
 def block(tree: Any) -> None:
   jax.block_until_ready(tree)
@@ -197,12 +208,34 @@ def time_call(fn: Callable[[], Any]) -> tuple[float, Any]:
 # HLO statistics of a compiled executable.
 
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s+([\w-]+)\((.*)$")
 # Instructions that move no data of their own.
-_FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all",
-         "partition-id", "replica-id", "iota"}
+_FREE = {
+  "parameter",
+  "tuple",
+  "get-tuple-element",
+  "bitcast",
+  "constant",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "iota",
+}
 
 
 def _shape_bytes(type_text: str) -> int:
@@ -240,8 +273,9 @@ def hlo_stats(compiled: Any, *, min_bytes: int = 1 << 16) -> dict[str, Any]:
 
   def walk(comp: str, seen: tuple[str, ...] = ()) -> dict[str, float]:
     types: dict[str, str] = {}
-    stats = dict(kernels=0, fusions=0, copies=0, conditionals=0, whiles=0,
-                 kernel_bytes=0, large_outputs=0)
+    stats = dict(
+      kernels=0, fusions=0, copies=0, conditionals=0, whiles=0, kernel_bytes=0, large_outputs=0
+    )
     for line in comps.get(comp, []):
       m = _INSTR.match(line)
       if not m:
@@ -259,14 +293,23 @@ def hlo_stats(compiled: Any, *, min_bytes: int = 1 << 16) -> dict[str, Any]:
       stats["large_outputs"] += _shape_bytes(type_text) >= min_bytes and op != "conditional"
       if op == "conditional":
         stats["conditionals"] += 1
-        branches = re.findall(r"%([\w.\-]+)", rest.split("branch_computations=")[-1].split("}")[0]) \
-            if "branch_computations" in rest else re.findall(
-                r"(?:true|false)_computation=%([\w.\-]+)", rest)
+        branches = (
+          re.findall(r"%([\w.\-]+)", rest.split("branch_computations=")[-1].split("}")[0])
+          if "branch_computations" in rest
+          else re.findall(r"(?:true|false)_computation=%([\w.\-]+)", rest)
+        )
         subs = [walk(b, seen + (comp,)) for b in branches if b not in seen]
         if subs:
           worst = max(subs, key=lambda s: s["kernel_bytes"])
-          for key in ("kernels", "fusions", "copies", "kernel_bytes", "large_outputs",
-                      "conditionals", "whiles"):
+          for key in (
+            "kernels",
+            "fusions",
+            "copies",
+            "kernel_bytes",
+            "large_outputs",
+            "conditionals",
+            "whiles",
+          ):
             stats[key] += worst[key]
         continue
       if op == "while":
@@ -280,6 +323,7 @@ def hlo_stats(compiled: Any, *, min_bytes: int = 1 << 16) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Reports.
 
+
 def machine_info() -> dict[str, Any]:
   """Where and with what the figures were measured."""
   model = platform.processor() or platform.machine()
@@ -292,19 +336,26 @@ def machine_info() -> dict[str, Any]:
   except OSError:
     pass
   import jaxlib
+
   device = jax.devices()[0]
   return dict(
-      cpu=model, cores=os.cpu_count(), platform=platform.platform(),
-      python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
-      optax=optax.__version__, device=f"{device.platform}:{device.device_kind}",
-      date=datetime.datetime.now().isoformat(timespec="seconds"),
-      command=" ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-      load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    cpu=model,
+    cores=os.cpu_count(),
+    platform=platform.platform(),
+    python=platform.python_version(),
+    jax=jax.__version__,
+    jaxlib=jaxlib.__version__,
+    optax=optax.__version__,
+    device=f"{device.platform}:{device.device_kind}",
+    date=datetime.datetime.now().isoformat(timespec="seconds"),
+    command=" ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
   )
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
   """Prints ``rows`` with ``columns`` = (key, header, format) as a Markdown table."""
+
   def cell(row, key, fmt):
     value = row.get(key)
     if value is None:
@@ -313,8 +364,9 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
 
   body = [[cell(r, k, f) for k, _, f in columns] for r in rows]
   headers = [h for _, h, _ in columns]
-  widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-            for i, h in enumerate(headers)]
+  widths = [
+    max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)
+  ]
   print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
   print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
   for b in body:

@@ -8,7 +8,8 @@ objective k is :math:`\\theta \\leftarrow \\theta - \\eta s_k (u + \\lambda\\the
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import optax
 
@@ -17,12 +18,12 @@ from dualoptim_jax.moments import is_traced
 
 
 def _with_decay_and_lr(
-    scale_by: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: float,
-    mask: Any,
-    lr_scales: Sequence[float] | None,
-    num_objectives: int,
+  scale_by: optax.GradientTransformation,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: float,
+  mask: Any,
+  lr_scales: Sequence[float] | None,
+  num_objectives: int,
 ) -> optax.GradientTransformationExtraArgs:
   if not is_traced(weight_decay) and float(weight_decay) < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
@@ -33,32 +34,32 @@ def _with_decay_and_lr(
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay, mask))
   parts.append(
-      transform.scale_by_objective_learning_rate(
-          learning_rate, lr_scales=lr_scales, num_objectives=num_objectives
-      )
+    transform.scale_by_objective_learning_rate(
+      learning_rate, lr_scales=lr_scales, num_objectives=num_objectives
+    )
   )
   return optax.chain(*parts)
 
 
 def dualoptim_plus(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    *,
-    num_objectives: int = 2,
-    lr_scales: Sequence[float] | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    mu_dtype: Any = None,
-    state_bits: int = 32,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    quantize_base: bool = True,
-    quantize_delta: bool = True,
-    keep_fp32: Callable[[str], bool] | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  *,
+  num_objectives: int = 2,
+  lr_scales: Sequence[float] | None = None,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any = None,
+  state_bits: int = 32,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  quantize_base: bool = True,
+  quantize_delta: bool = True,
+  keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ with decoupled weight decay (AdamW form).
 
@@ -90,32 +91,44 @@ def dualoptim_plus(
     >>> params = optax.apply_updates(params, u)
   """
   return _with_decay_and_lr(
-      transform.scale_by_dualoptim_plus(
-          b1, b2, base_b1, base_b2, eps,
-          num_objectives=num_objectives, mu_dtype=mu_dtype,
-          state_bits=state_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, quantize_base=quantize_base,
-          quantize_delta=quantize_delta, keep_fp32=keep_fp32,
-      ),
-      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+    transform.scale_by_dualoptim_plus(
+      b1,
+      b2,
+      base_b1,
+      base_b2,
+      eps,
+      num_objectives=num_objectives,
+      mu_dtype=mu_dtype,
+      state_bits=state_bits,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      quantize_base=quantize_base,
+      quantize_delta=quantize_delta,
+      keep_fp32=keep_fp32,
+    ),
+    learning_rate,
+    weight_decay,
+    mask,
+    lr_scales,
+    num_objectives,
   )
 
 
 def dualoptim(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    *,
-    num_objectives: int = 2,
-    lr_scales: Sequence[float] | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    mu_dtype: Any = None,
-    state_bits: int = 32,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    keep_fp32: Callable[[str], bool] | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  *,
+  num_objectives: int = 2,
+  lr_scales: Sequence[float] | None = None,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any = None,
+  state_bits: int = 32,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim (one Adam state per objective) with decoupled weight decay.
 
@@ -125,28 +138,38 @@ def dualoptim(
   8bit") and the other storage options are as in :func:`dualoptim_plus`.
   """
   return _with_decay_and_lr(
-      transform.scale_by_dualoptim(
-          b1, b2, eps, num_objectives=num_objectives, mu_dtype=mu_dtype,
-          state_bits=state_bits, block_size=block_size,
-          min_8bit_size=min_8bit_size, keep_fp32=keep_fp32,
-      ),
-      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+    transform.scale_by_dualoptim(
+      b1,
+      b2,
+      eps,
+      num_objectives=num_objectives,
+      mu_dtype=mu_dtype,
+      state_bits=state_bits,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      keep_fp32=keep_fp32,
+    ),
+    learning_rate,
+    weight_decay,
+    mask,
+    lr_scales,
+    num_objectives,
   )
 
 
 def adamw_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: float = 1e-4,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    keep_fp32: Callable[[str], bool] | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any = None,
+  weight_decay: float = 1e-4,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  *,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.adamw`` with block-wise 8-bit moments: the single-objective baseline.
 
@@ -154,11 +177,21 @@ def adamw_8bit(
   ``update`` takes no ``objective``. See :func:`~dualoptim_jax.scale_by_adam_8bit`.
   """
   return _with_decay_and_lr(
-      transform.scale_by_adam_8bit(
-          b1, b2, eps, eps_root, mu_dtype, block_size=block_size,
-          min_8bit_size=min_8bit_size, keep_fp32=keep_fp32,
-      ),
-      learning_rate, weight_decay, mask, None, 1,
+    transform.scale_by_adam_8bit(
+      b1,
+      b2,
+      eps,
+      eps_root,
+      mu_dtype,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      keep_fp32=keep_fp32,
+    ),
+    learning_rate,
+    weight_decay,
+    mask,
+    None,
+    1,
   )
 
 
@@ -167,16 +200,16 @@ def adamw_8bit(
 
 
 def dualoptim_plus_lion(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    base_b2: float = 0.99,
-    weight_decay: float = 0.0,
-    *,
-    num_objectives: int = 2,
-    lr_scales: Sequence[float] | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    mu_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.99,
+  base_b2: float = 0.99,
+  weight_decay: float = 0.0,
+  *,
+  num_objectives: int = 2,
+  lr_scales: Sequence[float] | None = None,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ in Lion form with decoupled weight decay.
 
@@ -190,24 +223,28 @@ def dualoptim_plus_lion(
     >>> tx = dj.dualoptim_plus_lion(1e-5, weight_decay=0.1)
   """
   return _with_decay_and_lr(
-      instances.scale_by_dualoptim_plus_lion(
-          b1, b2, base_b2, num_objectives=num_objectives, mu_dtype=mu_dtype
-      ),
-      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+    instances.scale_by_dualoptim_plus_lion(
+      b1, b2, base_b2, num_objectives=num_objectives, mu_dtype=mu_dtype
+    ),
+    learning_rate,
+    weight_decay,
+    mask,
+    lr_scales,
+    num_objectives,
   )
 
 
 def dualoptim_plus_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    base_momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    *,
-    num_objectives: int = 2,
-    lr_scales: Sequence[float] | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    accumulator_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  base_momentum: float = 0.9,
+  weight_decay: float = 0.0,
+  *,
+  num_objectives: int = 2,
+  lr_scales: Sequence[float] | None = None,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ in SGD-with-momentum form (EMA momentum, optional Nesterov).
 
@@ -222,27 +259,34 @@ def dualoptim_plus_sgd(
     >>> tx = dj.dualoptim_plus_sgd(1e-2, momentum=0.9, nesterov=True)
   """
   return _with_decay_and_lr(
-      instances.scale_by_dualoptim_plus_sgd(
-          momentum, nesterov, base_momentum, num_objectives=num_objectives,
-          accumulator_dtype=accumulator_dtype,
-      ),
-      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+    instances.scale_by_dualoptim_plus_sgd(
+      momentum,
+      nesterov,
+      base_momentum,
+      num_objectives=num_objectives,
+      accumulator_dtype=accumulator_dtype,
+    ),
+    learning_rate,
+    weight_decay,
+    mask,
+    lr_scales,
+    num_objectives,
   )
 
 
 def dualoptim_plus_rmsprop(
-    learning_rate: optax.ScalarOrSchedule,
-    decay: float = 0.9,
-    eps: float = 1e-8,
-    base_decay: float = 0.9,
-    weight_decay: float = 0.0,
-    *,
-    eps_in_sqrt: bool = True,
-    bias_correction: bool = False,
-    num_objectives: int = 2,
-    lr_scales: Sequence[float] | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    mu_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  decay: float = 0.9,
+  eps: float = 1e-8,
+  base_decay: float = 0.9,
+  weight_decay: float = 0.0,
+  *,
+  eps_in_sqrt: bool = True,
+  bias_correction: bool = False,
+  num_objectives: int = 2,
+  lr_scales: Sequence[float] | None = None,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ in RMSprop form with decoupled weight decay.
 
@@ -254,30 +298,38 @@ def dualoptim_plus_rmsprop(
     >>> tx = dj.dualoptim_plus_rmsprop(1e-3, decay=0.9)
   """
   return _with_decay_and_lr(
-      instances.scale_by_dualoptim_plus_rmsprop(
-          decay, eps, base_decay, eps_in_sqrt=eps_in_sqrt,
-          bias_correction=bias_correction, num_objectives=num_objectives,
-          mu_dtype=mu_dtype,
-      ),
-      learning_rate, weight_decay, mask, lr_scales, num_objectives,
+    instances.scale_by_dualoptim_plus_rmsprop(
+      decay,
+      eps,
+      base_decay,
+      eps_in_sqrt=eps_in_sqrt,
+      bias_correction=bias_correction,
+      num_objectives=num_objectives,
+      mu_dtype=mu_dtype,
+    ),
+    learning_rate,
+    weight_decay,
+    mask,
+    lr_scales,
+    num_objectives,
   )
 
 
 def dualoptim_plus_adafactor(
-    learning_rate: optax.ScalarOrSchedule,
-    b2: float = 0.999,
-    base_b2: float = 0.999,
-    eps: float = 1e-30,
-    weight_decay: float = 0.0,
-    *,
-    min_dim_size_to_factor: int = 128,
-    factored: bool = True,
-    clipping_threshold: float | None = 1.0,
-    multiply_by_parameter_scale: bool = True,
-    num_objectives: int = 2,
-    lr_scales: Sequence[float] | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
-    mu_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b2: float = 0.999,
+  base_b2: float = 0.999,
+  eps: float = 1e-30,
+  weight_decay: float = 0.0,
+  *,
+  min_dim_size_to_factor: int = 128,
+  factored: bool = True,
+  clipping_threshold: float | None = 1.0,
+  multiply_by_parameter_scale: bool = True,
+  num_objectives: int = 2,
+  lr_scales: Sequence[float] | None = None,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ over Adafactor's factored second moments.
 
@@ -297,21 +349,27 @@ def dualoptim_plus_adafactor(
   """
   if clipping_threshold is not None and not is_traced(clipping_threshold):
     if not float(clipping_threshold) >= 1.0:
-      raise ValueError(
-          f"clipping_threshold must be >= 1 or None, got {clipping_threshold!r}."
-      )
+      raise ValueError(f"clipping_threshold must be >= 1 or None, got {clipping_threshold!r}.")
   parts = [
-      instances.scale_by_dualoptim_plus_adafactor(
-          b2, base_b2, eps, factored=factored,
-          min_dim_size_to_factor=min_dim_size_to_factor,
-          num_objectives=num_objectives, mu_dtype=mu_dtype,
-      )
+    instances.scale_by_dualoptim_plus_adafactor(
+      b2,
+      base_b2,
+      eps,
+      factored=factored,
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      num_objectives=num_objectives,
+      mu_dtype=mu_dtype,
+    )
   ]
   if clipping_threshold is not None:
     parts.append(optax.clip_by_block_rms(clipping_threshold))
   if multiply_by_parameter_scale:
     parts.append(optax.scale_by_param_block_rms())
   return _with_decay_and_lr(
-      optax.chain(*parts), learning_rate, weight_decay, mask, lr_scales,
-      num_objectives,
+    optax.chain(*parts),
+    learning_rate,
+    weight_decay,
+    mask,
+    lr_scales,
+    num_objectives,
   )

@@ -26,7 +26,7 @@ class DecoupledState(NamedTuple):
 
 
 def decoupled(
-    inner: optax.GradientTransformation, *, num_objectives: int = 2
+  inner: optax.GradientTransformation, *, num_objectives: int = 2
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps one state of ``inner`` per objective (DualOptim).
 
@@ -52,16 +52,14 @@ def decoupled(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return DecoupledState(
-        inner_states=tuple(inner.init(params) for _ in range(num_objectives))
-    )
+    return DecoupledState(inner_states=tuple(inner.init(params) for _ in range(num_objectives)))
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     objective = objective_lib.check_objective(objective, num_objectives)
     new_updates, inner_states = objective_lib.route(
-        objective,
-        state.inner_states,
-        lambda k, inner_state: inner.update(updates, inner_state, params, **extra_args),
+      objective,
+      state.inner_states,
+      lambda k, inner_state: inner.update(updates, inner_state, params, **extra_args),
     )
     return new_updates, DecoupledState(inner_states)
 

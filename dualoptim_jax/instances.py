@@ -35,8 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualoptim_jax.moments import Direction, Moment, StoragePolicy, check_decay
-from dualoptim_jax.moments import float_storage, shared_base_moments
+from dualoptim_jax.moments import (
+  Direction,
+  Moment,
+  StoragePolicy,
+  check_decay,
+  float_storage,
+  shared_base_moments,
+)
 from dualoptim_jax.transform import check_eps
 
 
@@ -45,17 +51,17 @@ def _identity(g: jax.Array) -> jax.Array:
 
 
 def _build(
-    moments: tuple[Moment, ...],
-    direction: Direction,
-    num_objectives: int,
-    mu_dtype: Any,
-    storage: StoragePolicy | None,
+  moments: tuple[Moment, ...],
+  direction: Direction,
+  num_objectives: int,
+  mu_dtype: Any,
+  storage: StoragePolicy | None,
 ) -> optax.GradientTransformationExtraArgs:
   return shared_base_moments(
-      moments,
-      direction,
-      num_objectives=num_objectives,
-      storage=storage or float_storage(mu_dtype),
+    moments,
+    direction,
+    num_objectives=num_objectives,
+    storage=storage or float_storage(mu_dtype),
   )
 
 
@@ -79,13 +85,13 @@ def lion_direction(b1: float) -> Direction:
 
 
 def scale_by_dualoptim_plus_lion(
-    b1: float = 0.9,
-    b2: float = 0.99,
-    base_b2: float = 0.99,
-    *,
-    num_objectives: int = 2,
-    mu_dtype: Any = None,
-    storage: StoragePolicy | None = None,
+  b1: float = 0.9,
+  b2: float = 0.99,
+  base_b2: float = 0.99,
+  *,
+  num_objectives: int = 2,
+  mu_dtype: Any = None,
+  storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ in Lion form.
 
@@ -123,8 +129,11 @@ def scale_by_dualoptim_plus_lion(
   for name, value in (("b1", b1), ("b2", b2), ("base_b2", base_b2)):
     check_decay(name, value)
   return _build(
-      lion_moments(b2, base_b2), lion_direction(b1), num_objectives, mu_dtype,
-      storage,
+    lion_moments(b2, base_b2),
+    lion_direction(b1),
+    num_objectives,
+    mu_dtype,
+    storage,
   )
 
 
@@ -135,10 +144,12 @@ def scale_by_dualoptim_plus_lion(
 def sgd_moments(momentum: float, base_momentum: float) -> tuple[Moment]:
   """The gradient, tracked as an EMA with ``momentum``, no bias correction."""
   return (
-      Moment(
-          _identity, decay=momentum, base_decay=base_momentum,
-          bias_correction=False,
-      ),
+    Moment(
+      _identity,
+      decay=momentum,
+      base_decay=base_momentum,
+      bias_correction=False,
+    ),
   )
 
 
@@ -155,13 +166,13 @@ def sgd_direction(momentum: float, nesterov: bool) -> Direction:
 
 
 def scale_by_dualoptim_plus_sgd(
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    base_momentum: float = 0.9,
-    *,
-    num_objectives: int = 2,
-    accumulator_dtype: Any = None,
-    storage: StoragePolicy | None = None,
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  base_momentum: float = 0.9,
+  *,
+  num_objectives: int = 2,
+  accumulator_dtype: Any = None,
+  storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ in SGD-with-momentum form (EMA form).
 
@@ -199,8 +210,11 @@ def scale_by_dualoptim_plus_sgd(
   if not isinstance(nesterov, bool):
     raise ValueError(f"nesterov must be a bool, got {nesterov!r}.")
   return _build(
-      sgd_moments(momentum, base_momentum), sgd_direction(momentum, nesterov),
-      num_objectives, accumulator_dtype, storage,
+    sgd_moments(momentum, base_momentum),
+    sgd_direction(momentum, nesterov),
+    num_objectives,
+    accumulator_dtype,
+    storage,
   )
 
 
@@ -209,14 +223,17 @@ def scale_by_dualoptim_plus_sgd(
 
 
 def rmsprop_moments(
-    decay: float, base_decay: float, bias_correction: bool = False
+  decay: float, base_decay: float, bias_correction: bool = False
 ) -> tuple[Moment]:
   """RMSprop's one statistic: the squared gradient."""
   return (
-      Moment(
-          jnp.square, decay=decay, base_decay=base_decay,
-          bias_correction=bias_correction, nonnegative=True,
-      ),
+    Moment(
+      jnp.square,
+      decay=decay,
+      base_decay=base_decay,
+      bias_correction=bias_correction,
+      nonnegative=True,
+    ),
   )
 
 
@@ -234,15 +251,15 @@ def rmsprop_direction(eps: float, eps_in_sqrt: bool) -> Direction:
 
 
 def scale_by_dualoptim_plus_rmsprop(
-    decay: float = 0.9,
-    eps: float = 1e-8,
-    base_decay: float = 0.9,
-    *,
-    eps_in_sqrt: bool = True,
-    bias_correction: bool = False,
-    num_objectives: int = 2,
-    mu_dtype: Any = None,
-    storage: StoragePolicy | None = None,
+  decay: float = 0.9,
+  eps: float = 1e-8,
+  base_decay: float = 0.9,
+  *,
+  eps_in_sqrt: bool = True,
+  bias_correction: bool = False,
+  num_objectives: int = 2,
+  mu_dtype: Any = None,
+  storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ in RMSprop form (``optax.scale_by_rms``).
 
@@ -278,8 +295,11 @@ def scale_by_dualoptim_plus_rmsprop(
   check_decay("base_decay", base_decay)
   check_eps(eps)
   return _build(
-      rmsprop_moments(decay, base_decay, bias_correction),
-      rmsprop_direction(eps, eps_in_sqrt), num_objectives, mu_dtype, storage,
+    rmsprop_moments(decay, base_decay, bias_correction),
+    rmsprop_direction(eps, eps_in_sqrt),
+    num_objectives,
+    mu_dtype,
+    storage,
   )
 
 
@@ -288,7 +308,7 @@ def scale_by_dualoptim_plus_rmsprop(
 
 
 def factored_dims(
-    shape: tuple[int, ...], factored: bool, min_dim_size_to_factor: int
+  shape: tuple[int, ...], factored: bool, min_dim_size_to_factor: int
 ) -> tuple[int, int] | None:
   """``(d1, d0)``: the second-largest and largest axes, or None (not factored).
 
@@ -304,11 +324,11 @@ def factored_dims(
 
 
 def adafactor_moments(
-    b2: float,
-    base_b2: float,
-    eps: float,
-    factored: bool,
-    min_dim_size_to_factor: int,
+  b2: float,
+  base_b2: float,
+  eps: float,
+  factored: bool,
+  min_dim_size_to_factor: int,
 ) -> tuple[Moment, Moment]:
   """Row and column means of ``g^2 + eps``; unfactored leaves keep the full one.
 
@@ -332,14 +352,12 @@ def adafactor_moments(
     return jnp.mean(jnp.square(g) + eps, axis=d[0])
 
   return (
-      Moment(row, decay=b2, base_decay=base_b2, nonnegative=True),
-      Moment(col, decay=b2, base_decay=base_b2, nonnegative=True),
+    Moment(row, decay=b2, base_decay=base_b2, nonnegative=True),
+    Moment(col, decay=b2, base_decay=base_b2, nonnegative=True),
   )
 
 
-def adafactor_direction(
-    eps: float, factored: bool, min_dim_size_to_factor: int
-) -> Direction:
+def adafactor_direction(eps: float, factored: bool, min_dim_size_to_factor: int) -> Direction:
   r"""``g / sqrt(v̂)`` with :math:`\hat v = R \otimes C / \operatorname{mean}(R)`.
 
   ``R`` and ``C`` are read as ``max(|M|, eps)``: a plain EMA of ``g^2 + eps``
@@ -364,15 +382,15 @@ def adafactor_direction(
 
 
 def scale_by_dualoptim_plus_adafactor(
-    b2: float = 0.999,
-    base_b2: float = 0.999,
-    eps: float = 1e-30,
-    *,
-    factored: bool = True,
-    min_dim_size_to_factor: int = 128,
-    num_objectives: int = 2,
-    mu_dtype: Any = None,
-    storage: StoragePolicy | None = None,
+  b2: float = 0.999,
+  base_b2: float = 0.999,
+  eps: float = 1e-30,
+  *,
+  factored: bool = True,
+  min_dim_size_to_factor: int = 128,
+  num_objectives: int = 2,
+  mu_dtype: Any = None,
+  storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ over Adafactor's factored second moments.
 
@@ -423,16 +441,15 @@ def scale_by_dualoptim_plus_adafactor(
   check_decay("base_b2", base_b2)
   check_eps(eps)
   if (
-      isinstance(min_dim_size_to_factor, bool)
-      or not isinstance(min_dim_size_to_factor, numbers.Integral)
-      or min_dim_size_to_factor < 1
+    isinstance(min_dim_size_to_factor, bool)
+    or not isinstance(min_dim_size_to_factor, numbers.Integral)
+    or min_dim_size_to_factor < 1
   ):
-    raise ValueError(
-        "min_dim_size_to_factor must be an int >= 1, got "
-        f"{min_dim_size_to_factor!r}."
-    )
+    raise ValueError(f"min_dim_size_to_factor must be an int >= 1, got {min_dim_size_to_factor!r}.")
   return _build(
-      adafactor_moments(b2, base_b2, eps, factored, min_dim_size_to_factor),
-      adafactor_direction(eps, factored, min_dim_size_to_factor),
-      num_objectives, mu_dtype, storage,
+    adafactor_moments(b2, base_b2, eps, factored, min_dim_size_to_factor),
+    adafactor_direction(eps, factored, min_dim_size_to_factor),
+    num_objectives,
+    mu_dtype,
+    storage,
   )

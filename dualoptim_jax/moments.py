@@ -44,7 +44,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,17 +91,15 @@ class MomentCodec(NamedTuple):
 #  dtype, moment index, is_base, whether the stored value is never negative)
 #  -> codec. Decided from global shapes only, so
 # every shard of a sharded parameter makes the same choice.
-StoragePolicy = Callable[
-    [tuple, jax.ShapeDtypeStruct, int, bool, bool], MomentCodec
-]
+StoragePolicy = Callable[[tuple, jax.ShapeDtypeStruct, int, bool, bool], MomentCodec]
 
 
 def float_codec(dtype: Any) -> MomentCodec:
   """Stores a moment as a plain array of ``dtype``."""
   return MomentCodec(
-      init=lambda spec: jnp.zeros(spec.shape, dtype),
-      encode=lambda x: x.astype(dtype),
-      decode=lambda x: x,
+    init=lambda spec: jnp.zeros(spec.shape, dtype),
+    encode=lambda x: x.astype(dtype),
+    decode=lambda x: x,
   )
 
 
@@ -180,12 +179,12 @@ def _leaf_paths(tree: Any) -> list[tuple]:
 
 
 def shared_base_moments(
-    moments: Sequence[Moment],
-    direction: Direction,
-    *,
-    num_objectives: int = 2,
-    storage: StoragePolicy | None = None,
-    use_base: bool = True,
+  moments: Sequence[Moment],
+  direction: Direction,
+  *,
+  num_objectives: int = 2,
+  storage: StoragePolicy | None = None,
+  use_base: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a DualOptim+ transform from moments and a direction.
 
@@ -229,10 +228,12 @@ def shared_base_moments(
       for i, m in enumerate(moments):
         spec = jax.eval_shape(m.statistic, _spec(leaf))
         spec = jax.ShapeDtypeStruct(spec.shape, jnp.result_type(leaf))
-        per_moment.append((
+        per_moment.append(
+          (
             storage(path, spec, i, True, m.nonnegative),
             storage(path, spec, i, False, m.nonnegative and not use_base),
-        ))
+          )
+        )
       out.append(per_moment)
     return out
 
@@ -249,14 +250,13 @@ def shared_base_moments(
 
     base = tuple(moment_tree(i, 0) for i in range(len(moments))) if use_base else ()
     deltas = tuple(
-        tuple(moment_tree(i, 1) for i in range(len(moments)))
-        for _ in range(num_objectives)
+      tuple(moment_tree(i, 1) for i in range(len(moments))) for _ in range(num_objectives)
     )
     return SharedBaseState(
-        count=jnp.zeros([], jnp.int32),
-        counts=jnp.zeros([num_objectives], jnp.int32),
-        base=base,
-        deltas=deltas,
+      count=jnp.zeros([], jnp.int32),
+      counts=jnp.zeros([num_objectives], jnp.int32),
+      base=base,
+      deltas=deltas,
     )
 
   def scales(m: Moment, dtype, n_prev, t_prev) -> tuple[Array, Array, Array]:
@@ -265,9 +265,9 @@ def shared_base_moments(
       one = jnp.ones([], dtype)
       return one, one, one
     return (
-        _reciprocal_correction(m.base_decay, n_prev, dtype),
-        _reciprocal_correction(m.decay, numerics.safe_increment(t_prev), dtype),
-        _reciprocal_correction(m.decay, t_prev, dtype),
+      _reciprocal_correction(m.base_decay, n_prev, dtype),
+      _reciprocal_correction(m.decay, numerics.safe_increment(t_prev), dtype),
+      _reciprocal_correction(m.decay, t_prev, dtype),
     )
 
   def objective_step(updates, base, n_prev, t_prev, old, new=None):
@@ -313,8 +313,8 @@ def shared_base_moments(
         new_delta[i].append(delta_codec.encode(d_new))
       new_updates.append(direction(current, previous, gc).astype(g.dtype))
     return (
-        treedef.unflatten(new_updates),
-        tuple(treedef.unflatten(x) for x in new_delta),
+      treedef.unflatten(new_updates),
+      tuple(treedef.unflatten(x) for x in new_delta),
     )
 
   def base_step(updates, base, keep=None):
@@ -354,21 +354,22 @@ def shared_base_moments(
     def check(i, j):
       spec = jax.eval_shape(moments[i].statistic, _spec(leaves[j]))
       stored = jax.eval_shape(codecs[j][i][1].init, spec)
-      return (isinstance(stored, jax.ShapeDtypeStruct)
-              and stored.dtype == _compute_dtype(leaves[j].dtype))
+      return isinstance(stored, jax.ShapeDtypeStruct) and stored.dtype == _compute_dtype(
+        leaves[j].dtype
+      )
 
     return check
 
   def static_update(k: int, updates, state):
     new_updates, delta = objective_step(
-        updates, state.base, state.count, state.counts[k],
-        decoder(updates, state.deltas[k]))
+      updates, state.base, state.count, state.counts[k], decoder(updates, state.deltas[k])
+    )
     base = base_step(updates, state.base) if use_base else state.base
     return new_updates, SharedBaseState(
-        count=numerics.safe_increment(state.count),
-        counts=state.counts.at[k].set(numerics.safe_increment(state.counts[k])),
-        base=base,
-        deltas=tuple(delta if kk == k else d for kk, d in enumerate(state.deltas)),
+      count=numerics.safe_increment(state.count),
+      counts=state.counts.at[k].set(numerics.safe_increment(state.counts[k])),
+      base=base,
+      deltas=tuple(delta if kk == k else d for kk, d in enumerate(state.deltas)),
     )
 
   def traced_update(objective, updates, state):
@@ -390,10 +391,11 @@ def shared_base_moments(
     k = jnp.clip(objective, 0, num_objectives - 1)
     n_prev, t_prev = state.count, state.counts[k]
     deltas, ready = objective_lib.update_in_place(
-        objective,
-        state.deltas,
-        lambda kk, delta: objective_step(
-            updates, state.base, n_prev, state.counts[kk], decoder(updates, delta))[1],
+      objective,
+      state.deltas,
+      lambda kk, delta: objective_step(
+        updates, state.base, n_prev, state.counts[kk], decoder(updates, delta)
+      )[1],
     )
     olds = [decoder(updates, d) for d in state.deltas]
     news = [decoder(updates, d) for d in deltas]
@@ -405,9 +407,12 @@ def shared_base_moments(
       return objective_lib.select(objective, [f(i, j, dtype) for f in news])
 
     new_updates, _ = objective_step(
-        updates, state.base, n_prev, t_prev,
-        lambda i, j, dtype: objective_lib.select(objective, [f(i, j, dtype) for f in olds]),
-        new,
+      updates,
+      state.base,
+      n_prev,
+      t_prev,
+      lambda i, j, dtype: objective_lib.select(objective, [f(i, j, dtype) for f in olds]),
+      new,
     )
     new_updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan), new_updates)
     base = state.base
@@ -418,10 +423,10 @@ def shared_base_moments(
       base = base_step(updates, state.base, keep=~valid | (ready != 1))
     counts = state.counts.at[k].set(numerics.safe_increment(t_prev))
     return new_updates, SharedBaseState(
-        count=jnp.where(valid, numerics.safe_increment(n_prev), n_prev),
-        counts=jnp.where(valid, counts, state.counts),
-        base=base,
-        deltas=deltas,
+      count=jnp.where(valid, numerics.safe_increment(n_prev), n_prev),
+      counts=jnp.where(valid, counts, state.counts),
+      base=base,
+      deltas=deltas,
     )
 
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):

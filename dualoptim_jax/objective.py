@@ -20,7 +20,8 @@ the parameters and is caught by ``jax.experimental.checkify`` with
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -36,29 +37,25 @@ def validate_num_objectives(num_objectives: Any) -> int:
   """Checks ``num_objectives`` is a positive Python int and returns it."""
   if isinstance(num_objectives, jax.core.Tracer):
     raise ValueError(
-        "num_objectives decides the optimizer state's layout and must be "
-        "static; with optax.inject_hyperparams pass "
-        "static_args=dj.static_hyperparams(<optimizer>)."
+      "num_objectives decides the optimizer state's layout and must be "
+      "static; with optax.inject_hyperparams pass "
+      "static_args=dj.static_hyperparams(<optimizer>)."
     )
   if isinstance(num_objectives, (jax.Array, np.ndarray)) and np.ndim(num_objectives) == 0:
     if jnp.issubdtype(num_objectives.dtype, jnp.integer):
       num_objectives = int(num_objectives)
   if (
-      isinstance(num_objectives, bool)
-      or not isinstance(num_objectives, numbers.Integral)
-      or num_objectives < 1
+    isinstance(num_objectives, bool)
+    or not isinstance(num_objectives, numbers.Integral)
+    or num_objectives < 1
   ):
-    raise ValueError(
-        f"num_objectives must be a positive int (>= 1), got {num_objectives!r}."
-    )
+    raise ValueError(f"num_objectives must be a positive int (>= 1), got {num_objectives!r}.")
   return int(num_objectives)
 
 
 def is_static(objective: Any) -> bool:
   """True when ``objective`` is a Python/NumPy integer known at trace time."""
-  return isinstance(objective, numbers.Integral) and not isinstance(
-      objective, bool
-  )
+  return isinstance(objective, numbers.Integral) and not isinstance(objective, bool)
 
 
 def check_objective(objective: Any, num_objectives: int) -> Objective:
@@ -72,15 +69,15 @@ def check_objective(objective: Any, num_objectives: int) -> Objective:
     return 0
   if objective is None:
     raise ValueError(
-        "This transform needs the active objective: call "
-        "update(updates, state, params, objective=k) with k an int in "
-        f"[0, {num_objectives}) or an int32 scalar array."
+      "This transform needs the active objective: call "
+      "update(updates, state, params, objective=k) with k an int in "
+      f"[0, {num_objectives}) or an int32 scalar array."
     )
   if is_static(objective):
     if not 0 <= objective < num_objectives:
       raise ValueError(
-          f"objective={objective} is out of range: allowed values are "
-          f"0..{num_objectives - 1} (num_objectives={num_objectives})."
+        f"objective={objective} is out of range: allowed values are "
+        f"0..{num_objectives - 1} (num_objectives={num_objectives})."
       )
     return int(objective)
   if isinstance(objective, bool):
@@ -88,16 +85,16 @@ def check_objective(objective: Any, num_objectives: int) -> Objective:
   arr = jnp.asarray(objective)
   if arr.shape != () or not jnp.issubdtype(arr.dtype, jnp.integer):
     raise ValueError(
-        "objective must be an int or an integer scalar array, got "
-        f"{type(objective).__name__} with shape {arr.shape} and dtype "
-        f"{arr.dtype}."
+      "objective must be an int or an integer scalar array, got "
+      f"{type(objective).__name__} with shape {arr.shape} and dtype "
+      f"{arr.dtype}."
     )
   if not isinstance(arr, jax.core.Tracer):
     value = int(np.asarray(arr))
     if not 0 <= value < num_objectives:
       raise ValueError(
-          f"objective={value} is out of range: allowed values are "
-          f"0..{num_objectives - 1} (num_objectives={num_objectives})."
+        f"objective={value} is out of range: allowed values are "
+        f"0..{num_objectives - 1} (num_objectives={num_objectives})."
       )
   return arr.astype(jnp.int32)
 
@@ -110,9 +107,9 @@ def is_valid(objective: Objective, num_objectives: int) -> bool | jax.Array:
 
 
 def update_in_place(
-    objective: Objective,
-    states: tuple[S, ...],
-    update: Callable[[int, S], S],
+  objective: Objective,
+  states: tuple[S, ...],
+  update: Callable[[int, S], S],
 ) -> tuple[tuple[S, ...], jax.Array]:
   """Replaces the active objective's state by ``update(k, states[k])``.
 
@@ -138,10 +135,10 @@ def update_in_place(
   new_states, ready = [], one()
   for j, state in enumerate(states):
     new, done = jax.lax.cond(
-        objective == j,
-        lambda s, j=j: (update(j, s), one()),
-        lambda s: (s, one()),
-        state,
+      objective == j,
+      lambda s, j=j: (update(j, s), one()),
+      lambda s: (s, one()),
+      state,
     )
     new_states.append(new)
     ready = ready * done
@@ -159,9 +156,9 @@ def select(objective: Objective, values: Sequence[jax.Array]) -> jax.Array:
 
 
 def route(
-    objective: Objective,
-    states: tuple[S, ...],
-    step: Callable[[int, S], tuple[R, S]],
+  objective: Objective,
+  states: tuple[S, ...],
+  step: Callable[[int, S], tuple[R, S]],
 ) -> tuple[R, tuple[S, ...]]:
   """Applies ``step`` to the active objective's state; the others pass through.
 
@@ -191,6 +188,6 @@ def route(
       return new, result_j
 
     new_states[j], result = jax.lax.cond(
-        objective == j, active, lambda operand: operand, (new_states[j], result)
+      objective == j, active, lambda operand: operand, (new_states[j], result)
     )
   return result, tuple(new_states)

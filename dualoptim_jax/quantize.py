@@ -87,13 +87,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "QuantizedArray",
-    "MomentSpec",
-    "dynamic_map",
-    "quantize_blockwise",
-    "dequantize_blockwise",
-    "choose_8bit",
-    "state_nbytes",
+  "QuantizedArray",
+  "MomentSpec",
+  "dynamic_map",
+  "quantize_blockwise",
+  "dequantize_blockwise",
+  "choose_8bit",
+  "state_nbytes",
 ]
 
 _NUM_CODES = 256
@@ -202,7 +202,7 @@ def _segment_thresholds(signed: bool) -> list[np.float32]:
   map values it separates, so a magnitude goes to the nearer one and an exact
   tie to the larger.
   """
-  positives = _MAPS[signed][_ZERO_CODE[signed]:].astype(np.float64)
+  positives = _MAPS[signed][_ZERO_CODE[signed] :].astype(np.float64)
   f0 = _TOP_FRACTION_BITS[signed]
   sizes = [1] + [2 ** (f0 - e) for e in range(6, -1, -1)] + [1]
   firsts = np.cumsum(sizes)[:-1]  # index of each segment's first value but 0
@@ -298,7 +298,8 @@ def _decode(codes: jax.Array, signed: bool) -> jax.Array:
     q = c + 1.0  # 1 is zero, 2 .. 255 the magnitudes, 256 is one
   # 2**floor(log2 q): keep only the exponent bits of q.
   n = jax.lax.bitcast_convert_type(
-      jax.lax.bitcast_convert_type(q, jnp.int32) & 0x7F800000, jnp.float32)
+    jax.lax.bitcast_convert_type(q, jnp.int32) & 0x7F800000, jnp.float32
+  )
   k = 18.0 * q + 9.0 - 16.0 * n  # exact integer
   scale = jnp.zeros(codes.shape, jnp.float32)  # 0 for the zero code
   for e in range(0 if signed else 1, f0 + 1):
@@ -359,9 +360,7 @@ def _from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return rows.reshape(shape)
 
 
-def quantize_blockwise(
-    x: jax.Array, *, signed: bool, block_size: int = 256
-) -> QuantizedArray:
+def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> QuantizedArray:
   r"""Quantizes ``x`` to 8 bits with per-block absmax scaling.
 
   For each block :math:`B` (see the module docstring for the layout),
@@ -414,10 +413,10 @@ def quantize_blockwise(
   # producer of x (e.g. decode -> EMA) into it, where a plain max would be
   # handed to a library kernel that needs x materialised in float32.
   hi, lo = jax.lax.reduce(
-      (blocks, blocks),
-      (np.float32(-np.inf), np.float32(np.inf)),
-      lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
-      (blocks.ndim - 1,),
+    (blocks, blocks),
+    (np.float32(-np.inf), np.float32(np.inf)),
+    lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+    (blocks.ndim - 1,),
   )
   absmax = jnp.maximum(hi, -lo)
   absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
@@ -429,11 +428,11 @@ def quantize_blockwise(
 
 
 def dequantize_blockwise(
-    q: QuantizedArray,
-    *,
-    signed: bool,
-    block_size: int = 256,
-    dtype: Any = jnp.float32,
+  q: QuantizedArray,
+  *,
+  signed: bool,
+  block_size: int = 256,
+  dtype: Any = jnp.float32,
 ) -> jax.Array:
   r"""Inverse of :func:`quantize_blockwise`: :math:`\hat x_i = M_{c_i} a_B`.
 
@@ -452,8 +451,8 @@ def dequantize_blockwise(
   expected = (*shape[:-1], codes.shape[-2]) if shape else (1,)
   if q.absmax.shape != expected:
     raise ValueError(
-        f"absmax has shape {q.absmax.shape}, expected {expected} for codes of"
-        f" shape {shape} and block_size={block_size}"
+      f"absmax has shape {q.absmax.shape}, expected {expected} for codes of"
+      f" shape {shape} and block_size={block_size}"
     )
   blocks = _decode(codes, bool(signed)) * q.absmax[..., None].astype(jnp.float32)
   return _from_blocks(blocks, shape).astype(dtype)
@@ -474,9 +473,7 @@ def choose_8bit(shape: tuple[int, ...], *, min_8bit_size: int = 4096) -> bool:
   ``shard_map``), so every shard of a tensor makes the same choice.
   """
   if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-    raise ValueError(
-        f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}"
-    )
+    raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
   return math.prod(shape) >= min_8bit_size
 
 
@@ -512,14 +509,14 @@ class MomentSpec:
 
   @classmethod
   def for_shape(
-      cls,
-      shape: tuple[int, ...],
-      *,
-      signed: bool,
-      state_bits: int = 32,
-      block_size: int = 256,
-      min_8bit_size: int = 4096,
-      dtype: Any = None,
+    cls,
+    shape: tuple[int, ...],
+    *,
+    signed: bool,
+    state_bits: int = 32,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    dtype: Any = None,
   ) -> MomentSpec:
     """The spec of a moment of a parameter with this **global** ``shape``.
 
@@ -529,11 +526,8 @@ class MomentSpec:
     """
     if state_bits not in (8, 32):
       raise ValueError(f"state_bits must be 8 or 32, got {state_bits!r}")
-    quantized = state_bits == 8 and choose_8bit(
-        shape, min_8bit_size=min_8bit_size
-    )
-    return cls(quantized=quantized, signed=bool(signed),
-               block_size=block_size, dtype=dtype)
+    quantized = state_bits == 8 and choose_8bit(shape, min_8bit_size=min_8bit_size)
+    return cls(quantized=quantized, signed=bool(signed), block_size=block_size, dtype=dtype)
 
   def init(self, like: Any) -> jax.Array | QuantizedArray:
     """The zero moment for a parameter ``like`` (array or ShapeDtypeStruct)."""
@@ -541,27 +535,23 @@ class MomentSpec:
     if self.quantized:
       n = shape[-1] if shape else 1
       return QuantizedArray(
-          codes=jnp.full(shape, _ZERO_CODE[self.signed], jnp.uint8),
-          absmax=jnp.zeros(
-              (*shape[:-1], _num_blocks(n, self.block_size)), jnp.float32),
+        codes=jnp.full(shape, _ZERO_CODE[self.signed], jnp.uint8),
+        absmax=jnp.zeros((*shape[:-1], _num_blocks(n, self.block_size)), jnp.float32),
       )
     return jnp.zeros(shape, like.dtype if self.dtype is None else self.dtype)
 
   def encode(self, x: jax.Array) -> jax.Array | QuantizedArray:
     """Stores a float moment."""
     if self.quantized:
-      return quantize_blockwise(
-          x, signed=self.signed, block_size=self.block_size)
+      return quantize_blockwise(x, signed=self.signed, block_size=self.block_size)
     return x if self.dtype is None else jnp.asarray(x).astype(self.dtype)
 
   def decode(self, stored: jax.Array | QuantizedArray) -> jax.Array:
     """The moment as an array: float32 if quantized, else as stored."""
     if self.quantized:
       if not isinstance(stored, QuantizedArray):
-        raise TypeError(
-            f"spec is quantized but got a {type(stored).__name__}")
-      return dequantize_blockwise(
-          stored, signed=self.signed, block_size=self.block_size)
+        raise TypeError(f"spec is quantized but got a {type(stored).__name__}")
+      return dequantize_blockwise(stored, signed=self.signed, block_size=self.block_size)
     return stored
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 
 def alternating(
-    forget_steps: int, retain_steps: int
+  forget_steps: int, retain_steps: int
 ) -> Callable[[int | jax.Array], int | jax.Array]:
   """``forget_steps`` steps of objective 0, then ``retain_steps`` of objective 1.
 
@@ -33,11 +33,7 @@ def alternating(
     [0, 1, 1, 1, 1, 1, 0]
   """
   for name, value in (("forget_steps", forget_steps), ("retain_steps", retain_steps)):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < 1
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
       raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
   period = forget_steps + retain_steps
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -64,17 +64,17 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from dualoptim_jax.quantize import QuantizedArray
 
 __all__ = [
-    "MESH_AXES",
-    "parse_mesh_spec",
-    "make_mesh",
-    "fit_spec",
-    "fsdp_specs",
-    "param_shardings",
-    "state_shardings",
-    "init_sharded",
-    "replicated",
-    "batch_sharding",
-    "Placement",
+  "MESH_AXES",
+  "parse_mesh_spec",
+  "make_mesh",
+  "fit_spec",
+  "fsdp_specs",
+  "param_shardings",
+  "state_shardings",
+  "init_sharded",
+  "replicated",
+  "batch_sharding",
+  "Placement",
 ]
 
 MESH_AXES = ("data", "fsdp")
@@ -112,8 +112,9 @@ def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: int) -> dict[str
       m = _ITEM.match(part)
       if m is None:
         raise ValueError(
-            f"mesh spec {spec!r}: expected AXIS=SIZE items separated by commas, like "
-            f"'data=2,fsdp=4', got {part.strip()!r}")
+          f"mesh spec {spec!r}: expected AXIS=SIZE items separated by commas, like "
+          f"'data=2,fsdp=4', got {part.strip()!r}"
+        )
       name, value = m.groups()
       if name in items:
         raise ValueError(f"mesh spec {spec!r}: axis {name!r} is given twice")
@@ -124,19 +125,19 @@ def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: int) -> dict[str
   sizes: dict[str, int] = {}
   for name, value in items.items():
     if name not in MESH_AXES:
-      raise ValueError(
-          f"mesh spec {text!r}: unknown axis {name!r}; the axes are 'data' and 'fsdp'")
+      raise ValueError(f"mesh spec {text!r}: unknown axis {name!r}; the axes are 'data' and 'fsdp'")
     try:
       size = int(value)
       if isinstance(value, float) or str(value).strip() != str(size):
         raise ValueError
     except (TypeError, ValueError):
       raise ValueError(
-          f"mesh spec {text!r}: size of {name!r} must be a positive int or -1, got {value!r}"
+        f"mesh spec {text!r}: size of {name!r} must be a positive int or -1, got {value!r}"
       ) from None
     if size == 0 or size < -1:
       raise ValueError(
-          f"mesh spec {text!r}: size of {name!r} must be a positive int or -1, got {size}")
+        f"mesh spec {text!r}: size of {name!r} must be a positive int or -1, got {size}"
+      )
     sizes[name] = size
   if sum(s == -1 for s in sizes.values()) > 1:
     raise ValueError(f"mesh spec {text!r}: at most one axis may be -1")
@@ -148,22 +149,24 @@ def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: int) -> dict[str
   if free:
     if num_devices % fixed:
       raise ValueError(
-          f"mesh spec {text!r}: {fixed} does not divide the {num_devices} devices, so "
-          f"{free[0]!r} cannot take the rest")
+        f"mesh spec {text!r}: {fixed} does not divide the {num_devices} devices, so "
+        f"{free[0]!r} cannot take the rest"
+      )
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
     shown = ",".join(f"{a}={sizes[a]}" for a in MESH_AXES)
     raise ValueError(
-        f"mesh spec {text!r}: {shown} uses {math.prod(sizes.values())} devices but "
-        f"{num_devices} are available; the sizes must multiply to {num_devices} (e.g. "
-        f"'data=1,fsdp={num_devices}')")
+      f"mesh spec {text!r}: {shown} uses {math.prod(sizes.values())} devices but "
+      f"{num_devices} are available; the sizes must multiply to {num_devices} (e.g. "
+      f"'data=1,fsdp={num_devices}')"
+    )
   return {a: sizes[a] for a in MESH_AXES}
 
 
 def make_mesh(
-    spec: str | Mapping[str, int] | None = None,
-    *,
-    devices: Sequence[jax.Device] | None = None,
+  spec: str | Mapping[str, int] | None = None,
+  *,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
   """A ``('data', 'fsdp')`` mesh of ``Auto`` axes over ``devices`` (default: all).
 
@@ -184,8 +187,9 @@ def make_mesh(
   devices = list(jax.devices() if devices is None else devices)
   sizes = parse_mesh_spec("" if spec is None else spec, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -204,8 +208,9 @@ def _axis_size(mesh: Mesh, entry: Any) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
-def fit_spec(spec: PartitionSpec | Sequence[Any] | None, shape: Sequence[int],
-             mesh: Mesh) -> PartitionSpec:
+def fit_spec(
+  spec: PartitionSpec | Sequence[Any] | None, shape: Sequence[int], mesh: Mesh
+) -> PartitionSpec:
   """``spec`` padded to ``len(shape)`` entries, replicating dimensions it cannot split.
 
   A dimension stays sharded only if the mesh axes named for it divide its
@@ -222,8 +227,9 @@ def fit_spec(spec: PartitionSpec | Sequence[Any] | None, shape: Sequence[int],
     for n in names:
       if n not in mesh.shape:
         raise ValueError(
-            f"PartitionSpec {tuple(entries)} names axis {n!r}, which the mesh "
-            f"{dict(mesh.shape)} lacks")
+          f"PartitionSpec {tuple(entries)} names axis {n!r}, which the mesh "
+          f"{dict(mesh.shape)} lacks"
+        )
     out.append(entry if dim % _axis_size(mesh, entry) == 0 else None)
   return PartitionSpec(*out)
 
@@ -281,13 +287,15 @@ def param_shardings(params: Any, mesh: Mesh, specs: Any = None) -> Any:
     leaves, treedef = jax.tree.flatten(params)
     if len(flat_specs) != len(leaves):
       raise ValueError(f"specs has {len(flat_specs)} leaves but params has {len(leaves)}")
-    return treedef.unflatten([NamedSharding(mesh, fit_spec(s, np.shape(x), mesh))
-                              for s, x in zip(flat_specs, leaves)])
+    return treedef.unflatten(
+      [NamedSharding(mesh, fit_spec(s, np.shape(x), mesh)) for s, x in zip(flat_specs, leaves)]
+    )
 
   def one(node):
     if isinstance(node, nnx.Variable):
-      return jax.tree.map(lambda x: NamedSharding(mesh, fit_spec(_annotation(node), np.shape(x), mesh)),
-                          node)
+      return jax.tree.map(
+        lambda x: NamedSharding(mesh, fit_spec(_annotation(node), np.shape(x), mesh)), node
+      )
     return NamedSharding(mesh, fit_spec(None, np.shape(node), mesh))
 
   return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -351,13 +359,18 @@ def state_shardings(state: Any, params: Any, param_shardings: Any = None) -> Any
     shard_leaves = jax.tree.leaves(param_shardings)
   if len(shard_leaves) != len(param_flat):
     raise ValueError(
-        f"param_shardings has {len(shard_leaves)} leaves but params has {len(param_flat)}")
-  bad = [jax.tree_util.keystr(p) for (p, _), s in zip(param_flat, shard_leaves)
-         if not isinstance(s, NamedSharding)]
+      f"param_shardings has {len(shard_leaves)} leaves but params has {len(param_flat)}"
+    )
+  bad = [
+    jax.tree_util.keystr(p)
+    for (p, _), s in zip(param_flat, shard_leaves)
+    if not isinstance(s, NamedSharding)
+  ]
   if bad:
     raise ValueError(
-        f"parameters need NamedShardings (lay them out on a mesh first, or pass "
-        f"param_shardings); {bad[0]} has none")
+      f"parameters need NamedShardings (lay them out on a mesh first, or pass "
+      f"param_shardings); {bad[0]} has none"
+    )
   if not shard_leaves:
     raise ValueError("params has no leaves, so there is no mesh to shard the state on")
   mesh = shard_leaves[0].mesh
@@ -462,6 +475,7 @@ class Placement:
     def flat(tree):
       leaves, treedef = jax.tree.flatten(tree)
       return str(treedef), tuple(leaves)
+
     return self.mesh, flat(self.param_shardings), flat(self.state_shardings)
 
   def __eq__(self, other: object) -> bool:
@@ -507,8 +521,10 @@ class Placement:
     """Inside a jitted step: keep the new params and state on their shardings."""
     if self.mesh is None:
       return params, opt_state
-    return (jax.lax.with_sharding_constraint(params, self.param_shardings),
-            jax.lax.with_sharding_constraint(opt_state, self.state_shardings))
+    return (
+      jax.lax.with_sharding_constraint(params, self.param_shardings),
+      jax.lax.with_sharding_constraint(opt_state, self.state_shardings),
+    )
 
   def batch(self, batch: Any) -> Any:
     """Host batch(es) -> device arrays, rows split over the mesh."""

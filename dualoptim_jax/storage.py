@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -45,18 +46,18 @@ def path_string(path: tuple) -> str:
 # Hyperparameters that shape the state or the program, not just its values:
 # optax.inject_hyperparams must keep them static (see static_hyperparams).
 STATIC_HYPERPARAMS = (
-    "num_objectives",
-    "state_bits",
-    "block_size",
-    "min_8bit_size",
-    "quantize_base",
-    "quantize_delta",
-    "nesterov",
-    "eps_in_sqrt",
-    "bias_correction",
-    "factored",
-    "min_dim_size_to_factor",
-    "multiply_by_parameter_scale",
+  "num_objectives",
+  "state_bits",
+  "block_size",
+  "min_8bit_size",
+  "quantize_base",
+  "quantize_delta",
+  "nesterov",
+  "eps_in_sqrt",
+  "bias_correction",
+  "factored",
+  "min_dim_size_to_factor",
+  "multiply_by_parameter_scale",
 )
 
 
@@ -81,8 +82,8 @@ def static_value(name: str, value: Any) -> Any:
   """
   if isinstance(value, jax.core.Tracer):
     raise ValueError(
-        f"{name} decides the optimizer state's layout and must be static; with "
-        "optax.inject_hyperparams pass static_args=dj.static_hyperparams(<optimizer>)."
+      f"{name} decides the optimizer state's layout and must be static; with "
+      "optax.inject_hyperparams pass static_args=dj.static_hyperparams(<optimizer>)."
     )
   if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
     return np.asarray(value).item()
@@ -90,7 +91,7 @@ def static_value(name: str, value: Any) -> Any:
 
 
 def check_state_options(
-    state_bits: Any, block_size: Any, min_8bit_size: Any, keep_fp32: Any
+  state_bits: Any, block_size: Any, min_8bit_size: Any, keep_fp32: Any
 ) -> tuple[int, int, int]:
   """Validates the 8-bit keyword options shared by every optimizer."""
   state_bits = static_value("state_bits", state_bits)
@@ -98,35 +99,31 @@ def check_state_options(
   min_8bit_size = static_value("min_8bit_size", min_8bit_size)
   if state_bits not in (8, 32) or isinstance(state_bits, bool):
     raise ValueError(f"state_bits must be 8 or 32, got {state_bits!r}.")
-  if (
-      isinstance(block_size, bool)
-      or not isinstance(block_size, numbers.Integral)
-      or block_size < 1
-  ):
+  if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
     raise ValueError(f"block_size must be an int >= 1, got {block_size!r}.")
   if (
-      isinstance(min_8bit_size, bool)
-      or not isinstance(min_8bit_size, numbers.Integral)
-      or min_8bit_size < 0
+    isinstance(min_8bit_size, bool)
+    or not isinstance(min_8bit_size, numbers.Integral)
+    or min_8bit_size < 0
   ):
     raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}.")
   if keep_fp32 is not None and not callable(keep_fp32):
     raise ValueError(
-        "keep_fp32 must be None or a predicate on the parameter's path string "
-        f"(e.g. lambda path: 'embed' in path), got {keep_fp32!r}."
+      "keep_fp32 must be None or a predicate on the parameter's path string "
+      f"(e.g. lambda path: 'embed' in path), got {keep_fp32!r}."
     )
   return state_bits, block_size, min_8bit_size
 
 
 def state_storage(
-    *,
-    state_bits: int = 32,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    quantize_base: bool = True,
-    quantize_delta: bool = True,
-    keep_fp32: Callable[[str], bool] | None = None,
-    dtype: Any = None,
+  *,
+  state_bits: int = 32,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  quantize_base: bool = True,
+  quantize_delta: bool = True,
+  keep_fp32: Callable[[str], bool] | None = None,
+  dtype: Any = None,
 ) -> StoragePolicy:
   """The storage policy behind the optimizers' ``state_bits=`` options.
 
@@ -145,7 +142,7 @@ def state_storage(
     A :data:`~dualoptim_jax.moments.StoragePolicy`.
   """
   state_bits, block_size, min_8bit_size = check_state_options(
-      state_bits, block_size, min_8bit_size, keep_fp32
+    state_bits, block_size, min_8bit_size, keep_fp32
   )
   quantize_base = bool(static_value("quantize_base", quantize_base))
   quantize_delta = bool(static_value("quantize_delta", quantize_delta))
@@ -156,12 +153,12 @@ def state_storage(
     if wanted and keep_fp32 is not None and keep_fp32(path_string(path)):
       wanted = False
     moment = MomentSpec.for_shape(
-        tuple(spec.shape),
-        signed=not nonnegative,
-        state_bits=8 if wanted else 32,
-        block_size=block_size,
-        min_8bit_size=min_8bit_size,
-        dtype=dtype or spec.dtype,
+      tuple(spec.shape),
+      signed=not nonnegative,
+      state_bits=8 if wanted else 32,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      dtype=dtype or spec.dtype,
     )
     return MomentCodec(init=moment.init, encode=moment.encode, decode=moment.decode)
 

@@ -11,7 +11,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,7 @@ from optax._src import numerics
 
 from dualoptim_jax import objective as objective_lib
 from dualoptim_jax.decoupled import decoupled
-from dualoptim_jax.moments import Moment, StoragePolicy, check_decay, is_traced
-from dualoptim_jax.moments import shared_base_moments
+from dualoptim_jax.moments import Moment, StoragePolicy, check_decay, is_traced, shared_base_moments
 from dualoptim_jax.storage import state_storage
 
 
@@ -39,13 +39,11 @@ def check_eps(eps: Any) -> float:
   return eps
 
 
-def adam_moments(
-    b1: float, b2: float, base_b1: float, base_b2: float
-) -> tuple[Moment, Moment]:
+def adam_moments(b1: float, b2: float, base_b1: float, base_b2: float) -> tuple[Moment, Moment]:
   """Adam's statistics: the gradient and its square."""
   return (
-      Moment(lambda g: g, decay=b1, base_decay=base_b1),
-      Moment(jnp.square, decay=b2, base_decay=base_b2, nonnegative=True),
+    Moment(lambda g: g, decay=b1, base_decay=base_b1),
+    Moment(jnp.square, decay=b2, base_decay=base_b2, nonnegative=True),
   )
 
 
@@ -64,38 +62,42 @@ def adam_direction(eps: float, eps_root: float = 0.0):
 
 
 def adam_storage(
-    mu_dtype: Any,
-    state_bits: int,
-    block_size: int,
-    min_8bit_size: int,
-    keep_fp32: Any,
-    quantize_base: bool = True,
-    quantize_delta: bool = True,
+  mu_dtype: Any,
+  state_bits: int,
+  block_size: int,
+  min_8bit_size: int,
+  keep_fp32: Any,
+  quantize_base: bool = True,
+  quantize_delta: bool = True,
 ) -> StoragePolicy:
   """The storage policy the Adam-form transforms build from their options."""
   return state_storage(
-      state_bits=state_bits, block_size=block_size, min_8bit_size=min_8bit_size,
-      quantize_base=quantize_base, quantize_delta=quantize_delta,
-      keep_fp32=keep_fp32, dtype=mu_dtype,
+    state_bits=state_bits,
+    block_size=block_size,
+    min_8bit_size=min_8bit_size,
+    quantize_base=quantize_base,
+    quantize_delta=quantize_delta,
+    keep_fp32=keep_fp32,
+    dtype=mu_dtype,
   )
 
 
 def scale_by_dualoptim_plus(
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    *,
-    num_objectives: int = 2,
-    mu_dtype: Any = None,
-    state_bits: int = 32,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    quantize_base: bool = True,
-    quantize_delta: bool = True,
-    keep_fp32: Callable[[str], bool] | None = None,
-    storage: StoragePolicy | None = None,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  *,
+  num_objectives: int = 2,
+  mu_dtype: Any = None,
+  state_bits: int = 32,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  quantize_base: bool = True,
+  quantize_delta: bool = True,
+  keep_fp32: Callable[[str], bool] | None = None,
+  storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ (shared base + decoupled deltas, Adam form).
 
@@ -154,13 +156,19 @@ def scale_by_dualoptim_plus(
     check_decay(name, value)
   check_eps(eps)
   return shared_base_moments(
-      adam_moments(b1, b2, base_b1, base_b2),
-      adam_direction(eps),
-      num_objectives=num_objectives,
-      storage=storage or adam_storage(
-          mu_dtype, state_bits, block_size, min_8bit_size, keep_fp32,
-          quantize_base, quantize_delta,
-      ),
+    adam_moments(b1, b2, base_b1, base_b2),
+    adam_direction(eps),
+    num_objectives=num_objectives,
+    storage=storage
+    or adam_storage(
+      mu_dtype,
+      state_bits,
+      block_size,
+      min_8bit_size,
+      keep_fp32,
+      quantize_base,
+      quantize_delta,
+    ),
   )
 
 
@@ -169,21 +177,21 @@ def _cast_params(tx: optax.GradientTransformation, dtype: Any):
   if dtype is None:
     return tx
   return optax.GradientTransformation(
-      lambda params: tx.init(optax.tree.cast(params, dtype)), tx.update
+    lambda params: tx.init(optax.tree.cast(params, dtype)), tx.update
   )
 
 
 def scale_by_dualoptim(
-    b1: float = 0.9,
-    b2: float = 0.95,
-    eps: float = 1e-8,
-    *,
-    num_objectives: int = 2,
-    mu_dtype: Any = None,
-    state_bits: int = 32,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    keep_fp32: Callable[[str], bool] | None = None,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  *,
+  num_objectives: int = 2,
+  mu_dtype: Any = None,
+  state_bits: int = 32,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim: a separate Adam state per objective.
 
@@ -225,23 +233,26 @@ def scale_by_dualoptim(
   storage = adam_storage(mu_dtype, state_bits, block_size, min_8bit_size, keep_fp32)
   if state_bits == 8:
     return shared_base_moments(
-        adam_moments(b1, b2, b1, b2), adam_direction(eps),
-        num_objectives=num_objectives, storage=storage, use_base=False,
+      adam_moments(b1, b2, b1, b2),
+      adam_direction(eps),
+      num_objectives=num_objectives,
+      storage=storage,
+      use_base=False,
     )
   inner = _cast_params(optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype), mu_dtype)
   return decoupled(inner, num_objectives=num_objectives)
 
 
 def scale_by_adam_8bit(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    keep_fp32: Callable[[str], bool] | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any = None,
+  *,
+  block_size: int = 256,
+  min_8bit_size: int = 4096,
+  keep_fp32: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.scale_by_adam`` with block-wise 8-bit moments (bitsandbytes-style).
 
@@ -254,9 +265,11 @@ def scale_by_adam_8bit(
   check_eps(eps)
   check_eps(eps_root)
   return shared_base_moments(
-      adam_moments(b1, b2, b1, b2), adam_direction(eps, eps_root),
-      num_objectives=1, use_base=False,
-      storage=adam_storage(mu_dtype, 8, block_size, min_8bit_size, keep_fp32),
+    adam_moments(b1, b2, b1, b2),
+    adam_direction(eps, eps_root),
+    num_objectives=1,
+    use_base=False,
+    storage=adam_storage(mu_dtype, 8, block_size, min_8bit_size, keep_fp32),
   )
 
 
@@ -266,9 +279,7 @@ class ScaleByObjectiveLearningRateState(NamedTuple):
   count: jax.Array  # int32 [], global steps (drives a schedule), saturating.
 
 
-def check_lr_scales(
-    lr_scales: Sequence[float] | None, num_objectives: int
-) -> tuple[float, ...]:
+def check_lr_scales(lr_scales: Sequence[float] | None, num_objectives: int) -> tuple[float, ...]:
   """Validates per-objective learning-rate multipliers (default all 1)."""
   if lr_scales is None:
     return (1.0,) * num_objectives
@@ -276,13 +287,12 @@ def check_lr_scales(
     scales = tuple(float(s) for s in lr_scales)
   except (TypeError, ValueError):
     raise ValueError(
-        f"lr_scales must be a sequence of {num_objectives} numbers, got "
-        f"{lr_scales!r}."
+      f"lr_scales must be a sequence of {num_objectives} numbers, got {lr_scales!r}."
     ) from None
   if len(scales) != num_objectives:
     raise ValueError(
-        f"lr_scales must have one entry per objective ({num_objectives}), got "
-        f"{len(scales)}: {lr_scales!r}."
+      f"lr_scales must have one entry per objective ({num_objectives}), got "
+      f"{len(scales)}: {lr_scales!r}."
     )
   if not all(np.isfinite(s) and s >= 0 for s in scales):
     raise ValueError(f"lr_scales must be finite and >= 0, got {lr_scales!r}.")
@@ -290,10 +300,10 @@ def check_lr_scales(
 
 
 def scale_by_objective_learning_rate(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    lr_scales: Sequence[float] | None = None,
-    num_objectives: int = 2,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  lr_scales: Sequence[float] | None = None,
+  num_objectives: int = 2,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales updates by :math:`-\eta(n) \cdot s_k` for the active objective k.
 
@@ -317,7 +327,7 @@ def scale_by_objective_learning_rate(
       float(learning_rate)
     except (TypeError, ValueError):
       raise ValueError(
-          f"learning_rate must be a number or a schedule, got {learning_rate!r}."
+        f"learning_rate must be a number or a schedule, got {learning_rate!r}."
       ) from None
 
   def init_fn(params):

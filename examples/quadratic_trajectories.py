@@ -42,14 +42,13 @@ def optimizers(steps: int, lr_scales):
   lr = lambda peak: optax.cosine_decay_schedule(peak, steps, alpha=1e-3)
   kw = dict(lr_scales=lr_scales)
   return {
-      "SGD (EMA)": dj.dualoptim_plus_sgd(lr(0.05), **kw),
-      "SGD Nesterov": dj.dualoptim_plus_sgd(lr(0.05), nesterov=True, **kw),
-      "DualOptim+ (Adam)": dj.dualoptim_plus(lr(0.05), **kw),
-      "DualOptim (Adam)": dj.dualoptim(lr(0.05), **kw),
-      "Lion": dj.dualoptim_plus_lion(lr(0.02), **kw),
-      "RMSprop": dj.dualoptim_plus_rmsprop(lr(0.05), **kw),
-      "Adafactor": dj.dualoptim_plus_adafactor(
-          lr(0.05), multiply_by_parameter_scale=False, **kw),
+    "SGD (EMA)": dj.dualoptim_plus_sgd(lr(0.05), **kw),
+    "SGD Nesterov": dj.dualoptim_plus_sgd(lr(0.05), nesterov=True, **kw),
+    "DualOptim+ (Adam)": dj.dualoptim_plus(lr(0.05), **kw),
+    "DualOptim (Adam)": dj.dualoptim(lr(0.05), **kw),
+    "Lion": dj.dualoptim_plus_lion(lr(0.02), **kw),
+    "RMSprop": dj.dualoptim_plus_rmsprop(lr(0.05), **kw),
+    "Adafactor": dj.dualoptim_plus_adafactor(lr(0.05), multiply_by_parameter_scale=False, **kw),
   }
 
 
@@ -80,16 +79,16 @@ def pareto_curve(num: int = 200) -> np.ndarray:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=1500)
-  parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1]
-                      / "docs" / "trajectories.png")
+  parser.add_argument(
+    "--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "trajectories.png"
+  )
   args = parser.parse_args()
 
   xs, ys = np.meshgrid(np.linspace(-3, 3, 241), np.linspace(-2.5, 3, 221))
   grid = np.stack([xs, ys], -1)
   g0 = np.einsum("ij,...j->...i", H[0], grid - C[0])
   g1 = np.einsum("ij,...j->...i", H[1], grid - C[1])
-  total = 0.5 * (np.einsum("...i,...i", grid - C[0], g0)
-                 + np.einsum("...i,...i", grid - C[1], g1))
+  total = 0.5 * (np.einsum("...i,...i", grid - C[0], g0) + np.einsum("...i,...i", grid - C[1], g1))
   balanced = np.all(g0 * g1 <= 0, axis=-1)
 
   fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), sharey=True)
@@ -98,10 +97,10 @@ def main() -> None:
     ax.contour(xs, ys, total, levels=18, colors="0.8", linewidths=0.6)
     ax.contourf(xs, ys, balanced, levels=[0.5, 1.5], colors=["#e8e0f5"])
     curve = pareto_curve()
-    ax.plot(curve[:, 0], curve[:, 1], color="0.4", lw=1, ls="--",
-            label="Pareto set")
-    print(f"schedule {ff}/{fr}, lr_scales {scales}: distance of the end point "
-          "to the optimum of f0 + f1")
+    ax.plot(curve[:, 0], curve[:, 1], color="0.4", lw=1, ls="--", label="Pareto set")
+    print(
+      f"schedule {ff}/{fr}, lr_scales {scales}: distance of the end point to the optimum of f0 + f1"
+    )
     for name, tx in optimizers(args.steps, scales).items():
       path = trajectory(tx, dj.alternating(ff, fr), args.steps)
       ax.plot(path[:, 0], path[:, 1], lw=1.2, label=name)
@@ -117,8 +116,10 @@ def main() -> None:
     ax.set_aspect("equal")
   axes[0].set_ylabel("x_2")
   axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-  fig.suptitle("DualOptim+ instances on two conflicting quadratics "
-               "(shaded: gradients opposed in every coordinate)")
+  fig.suptitle(
+    "DualOptim+ instances on two conflicting quadratics "
+    "(shaded: gradients opposed in every coordinate)"
+  )
   fig.tight_layout()
   args.out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(args.out, dpi=120)

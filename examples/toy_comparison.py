@@ -34,10 +34,10 @@ def make_data(seed: int, n: int = 1200, classes: int = 4, dim: int = 8):
 def init_mlp(key, dim=8, hidden=32, classes=4):
   k1, k2 = jax.random.split(key)
   return {
-      "w1": jax.random.normal(k1, (dim, hidden)) / np.sqrt(dim),
-      "b1": jnp.zeros(hidden),
-      "w2": jax.random.normal(k2, (hidden, classes)) / np.sqrt(hidden),
-      "b2": jnp.zeros(classes),
+    "w1": jax.random.normal(k1, (dim, hidden)) / np.sqrt(dim),
+    "b1": jnp.zeros(hidden),
+    "w2": jax.random.normal(k2, (hidden, classes)) / np.sqrt(hidden),
+    "b2": jnp.zeros(classes),
   }
 
 
@@ -134,13 +134,18 @@ def main(argv=None):
   for name in ("joint", "alternate", "dualoptim", "dualoptim_plus"):
     rows.append((name, unlearn(name, params, xf, xr, yr, args.steps, args.lr)))
 
-  print(f"{'optimizer':<16}{'forget acc':>12}{'retain acc':>12}"
-        f"{'forget loss':>13}{'retain loss':>13}")
+  print(
+    f"{'optimizer':<16}{'forget acc':>12}{'retain acc':>12}{'forget loss':>13}{'retain loss':>13}"
+  )
   for name, p in rows:
-    print(f"{name:<16}{accuracy(p, xf, y[forget]):>12.3f}{accuracy(p, xr, yr):>12.3f}"
-          f"{float(forget_loss(p, xf)):>13.4f}{float(retain_loss(p, xr, yr)):>13.4f}")
-  print("forget loss: cross-entropy to uniform (minimum log 4 = 1.3863); "
-        "forget acc: lower is better; retain acc: higher is better.")
+    print(
+      f"{name:<16}{accuracy(p, xf, y[forget]):>12.3f}{accuracy(p, xr, yr):>12.3f}"
+      f"{float(forget_loss(p, xf)):>13.4f}{float(retain_loss(p, xr, yr)):>13.4f}"
+    )
+  print(
+    "forget loss: cross-entropy to uniform (minimum log 4 = 1.3863); "
+    "forget acc: lower is better; retain acc: higher is better."
+  )
   return rows
 
 

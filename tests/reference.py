@@ -11,8 +11,9 @@ import numpy as np
 class DualOptimPlusRef:
   """DualOptim+ (Adam form, released code), AdamW-style decay, per-objective lr."""
 
-  def __init__(self, params, *, lr, b1, b2, bb1, bb2, eps, wd, num_objectives,
-               lr_scales=None, wd_mask=None):
+  def __init__(
+    self, params, *, lr, b1, b2, bb1, bb2, eps, wd, num_objectives, lr_scales=None, wd_mask=None
+  ):
     self.lr, self.b1, self.b2, self.bb1, self.bb2 = lr, b1, b2, bb1, bb2
     self.eps, self.wd, self.K = eps, wd, num_objectives
     self.scales = lr_scales or [1.0] * num_objectives
@@ -40,8 +41,8 @@ class DualOptimPlusRef:
         vBh = self.vB[name] / (1 - self.bb2 ** (n - 1))
       self.mD[k][name] = self.b1 * self.mD[k][name] + (1 - self.b1) * (g - mBh)
       self.vD[k][name] = self.b2 * self.vD[k][name] + (1 - self.b2) * (g * g - vBh)
-      m = self.mD[k][name] / (1 - self.b1 ** t) + mBh
-      v = self.vD[k][name] / (1 - self.b2 ** t) + vBh
+      m = self.mD[k][name] / (1 - self.b1**t) + mBh
+      v = self.vD[k][name] / (1 - self.b2**t) + vBh
       u = m / (np.sqrt(np.abs(v)) + self.eps)
       if self.mask[name]:
         u = u + self.wd * p
@@ -54,8 +55,7 @@ class DualOptimPlusRef:
 class DualOptimRef:
   """DualOptim: one bias-corrected Adam state per objective, AdamW-style decay."""
 
-  def __init__(self, params, *, lr, b1, b2, eps, wd, num_objectives,
-               lr_scales=None, wd_mask=None):
+  def __init__(self, params, *, lr, b1, b2, eps, wd, num_objectives, lr_scales=None, wd_mask=None):
     self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, wd
     self.scales = lr_scales or [1.0] * num_objectives
     self.mask = wd_mask or {k: True for k in params}
@@ -73,8 +73,8 @@ class DualOptimRef:
       p = np.asarray(p, np.float64)
       self.m[k][name] = self.b1 * self.m[k][name] + (1 - self.b1) * g
       self.v[k][name] = self.b2 * self.v[k][name] + (1 - self.b2) * g * g
-      mh = self.m[k][name] / (1 - self.b1 ** t)
-      vh = self.v[k][name] / (1 - self.b2 ** t)
+      mh = self.m[k][name] / (1 - self.b1**t)
+      vh = self.v[k][name] / (1 - self.b2**t)
       u = mh / (np.sqrt(vh) + self.eps)
       if self.mask[name]:
         u = u + self.wd * p
@@ -93,12 +93,12 @@ def theorem1_fixed_point(s_f, s_r, *, beta, base_beta, forget_steps, retain_step
   """
   a, b = base_beta, beta
   ff, fr = forget_steps, retain_steps
-  b0 = (a ** fr * (1 - a ** ff) * s_f + (1 - a ** fr) * s_r) / (1 - a ** (ff + fr))
-  c0 = a ** ff * b0 + (1 - a ** ff) * s_f
+  b0 = (a**fr * (1 - a**ff) * s_f + (1 - a**fr) * s_r) / (1 - a ** (ff + fr))
+  c0 = a**ff * b0 + (1 - a**ff) * s_f
 
   def geometric(f):  # sum_{j<f} b^(f-1-j) a^j
-    return f * b ** (f - 1) if np.isclose(a, b) else (b ** f - a ** f) / (b - a)
+    return f * b ** (f - 1) if np.isclose(a, b) else (b**f - a**f) / (b - a)
 
-  d_f = (1 - b) * (s_f - b0) * geometric(ff) / (1 - b ** ff)
-  d_r = (1 - b) * (s_r - c0) * geometric(fr) / (1 - b ** fr)
+  d_f = (1 - b) * (s_f - b0) * geometric(ff) / (1 - b**ff)
+  d_r = (1 - b) * (s_r - c0) * geometric(fr) / (1 - b**fr)
   return b0, c0, d_f, d_r

@@ -9,7 +9,8 @@ Stern 2018, Alg. 4, for matrices and vectors only).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,8 +30,9 @@ class SharedBaseRef:
   D_hat_{i,k} + B_hat_i after / before this step's delta EMA.
   """
 
-  def __init__(self, params, *, stats, direction, lr, wd, num_objectives,
-               lr_scales=None, wd_mask=None):
+  def __init__(
+    self, params, *, stats, direction, lr, wd, num_objectives, lr_scales=None, wd_mask=None
+  ):
     self.stats, self.direction = list(stats), direction
     self.lr, self.wd, self.K = lr, wd, num_objectives
     self.scales = lr_scales or [1.0] * num_objectives
@@ -38,9 +40,8 @@ class SharedBaseRef:
 
     def zeros():
       return {
-          name: [np.zeros_like(st.statistic(np.asarray(p, np.float64)))
-                 for st in self.stats]
-          for name, p in params.items()
+        name: [np.zeros_like(st.statistic(np.asarray(p, np.float64))) for st in self.stats]
+        for name, p in params.items()
       }
 
     self.base = zeros()
@@ -64,7 +65,7 @@ class SharedBaseRef:
         if st.bias_correction:
           b_hat = np.zeros_like(b) if n == 1 else b / (1 - a ** (n - 1))
           prev_scale = 0.0 if t == 1 else 1 / (1 - beta ** (t - 1))
-          cur_scale = 1 / (1 - beta ** t)
+          cur_scale = 1 / (1 - beta**t)
         else:
           b_hat, prev_scale, cur_scale = b, 1.0, 1.0
         previous.append(d * prev_scale + b_hat)
@@ -80,8 +81,7 @@ class SharedBaseRef:
 
 
 def adam_ref(params, *, b1, b2, bb1, bb2, eps, **kw):
-  stats = [StatRef(lambda g: g, b1, bb1, True),
-           StatRef(np.square, b2, bb2, True)]
+  stats = [StatRef(lambda g: g, b1, bb1, True), StatRef(np.square, b2, bb2, True)]
 
   def direction(cur, prev, g, p):
     return cur[0] / (np.sqrt(np.abs(cur[1])) + eps)
@@ -109,8 +109,7 @@ def sgd_ref(params, *, momentum, base_momentum, nesterov, **kw):
   return SharedBaseRef(params, stats=stats, direction=direction, **kw)
 
 
-def rmsprop_ref(params, *, decay, base_decay, eps, eps_in_sqrt,
-                bias_correction, **kw):
+def rmsprop_ref(params, *, decay, base_decay, eps, eps_in_sqrt, bias_correction, **kw):
   stats = [StatRef(np.square, decay, base_decay, bias_correction)]
 
   def direction(cur, prev, g, p):
@@ -120,8 +119,7 @@ def rmsprop_ref(params, *, decay, base_decay, eps, eps_in_sqrt,
   return SharedBaseRef(params, stats=stats, direction=direction, **kw)
 
 
-def adafactor_ref(params, *, b2, bb2, eps, clipping_threshold,
-                  parameter_scale, **kw):
+def adafactor_ref(params, *, b2, bb2, eps, clipping_threshold, parameter_scale, **kw):
   """Factored second moments for (r, c) matrices with r <= c (all factored).
 
   R_i = EMA(mean_j (g_ij^2 + eps)), C_j = EMA(mean_i (g_ij^2 + eps)),

@@ -15,23 +15,47 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 COMMON_KEYS = {"benchmark", "machine", "notes", "results"}
 ROW_KEYS = {
-    "bench_update.py": {"size", "params", "optimizer", "objective", "compiler_options",
-                        "median_ms", "ratio_to_adamw", "ratio_to_static", "min_bytes_per_param",
-                        "gb_per_s", "fraction_of_triad", "hlo_bytes_per_param", "hlo_copies"},
-    "bench_memory.py": {"optimizer", "params", "state_bytes", "bytes_per_param",
-                        "touched_bytes_per_param"},
-    "bench_train_step.py": {"preset", "objective", "median_ms", "tokens_per_s",
-                            "ratio_to_adamw"},
-    "bench_compile.py": {"optimizer", "program", "compiler_options", "lower_s", "compile_s",
-                         "total_s"},
+  "bench_update.py": {
+    "size",
+    "params",
+    "optimizer",
+    "objective",
+    "compiler_options",
+    "median_ms",
+    "ratio_to_adamw",
+    "ratio_to_static",
+    "min_bytes_per_param",
+    "gb_per_s",
+    "fraction_of_triad",
+    "hlo_bytes_per_param",
+    "hlo_copies",
+  },
+  "bench_memory.py": {
+    "optimizer",
+    "params",
+    "state_bytes",
+    "bytes_per_param",
+    "touched_bytes_per_param",
+  },
+  "bench_train_step.py": {"preset", "objective", "median_ms", "tokens_per_s", "ratio_to_adamw"},
+  "bench_compile.py": {
+    "optimizer",
+    "program",
+    "compiler_options",
+    "lower_s",
+    "compile_s",
+    "total_s",
+  },
 }
 
 
 def run_quick(script: str, tmp_path: pathlib.Path, *extra: str) -> dict:
   out = tmp_path / f"{script}.json"
   proc = subprocess.run(
-      [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *extra],
-      capture_output=True, text=True, timeout=300,
+    [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *extra],
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "|" in proc.stdout  # the table was printed
@@ -60,11 +84,17 @@ def test_bench_memory_quick(tmp_path):
 
 
 def test_bench_update_quick(tmp_path):
-  rows = check_rows("bench_update.py", run_quick(
-      "bench_update.py", tmp_path, "--optimizers", "dualoptim_plus", "--options", "region"))
+  rows = check_rows(
+    "bench_update.py",
+    run_quick("bench_update.py", tmp_path, "--optimizers", "dualoptim_plus", "--options", "region"),
+  )
   kinds = {(r["optimizer"], r["objective"]) for r in rows}
-  assert {("optax.adamw", "-"), ("dualoptim_plus", "static"), ("dualoptim_plus", "traced"),
-          ("triad", "triad")} <= kinds
+  assert {
+    ("optax.adamw", "-"),
+    ("dualoptim_plus", "static"),
+    ("dualoptim_plus", "traced"),
+    ("triad", "triad"),
+  } <= kinds
   for r in rows:
     assert r["median_ms"] > 0 and r["gb_per_s"] > 0
     if r["optimizer"] == "optax.adamw":
@@ -72,7 +102,9 @@ def test_bench_update_quick(tmp_path):
       # g, p, m, v read; p, m, v written (the step counters add a few bytes).
       assert r["min_bytes_per_param"] == pytest.approx(28, rel=1e-3)
     if r["optimizer"] == "dualoptim_plus":
-      assert r["min_bytes_per_param"] == pytest.approx(44, rel=1e-3)  # + 2 base arrays, read, written
+      assert r["min_bytes_per_param"] == pytest.approx(
+        44, rel=1e-3
+      )  # + 2 base arrays, read, written
 
 
 @pytest.mark.slow

@@ -14,105 +14,177 @@ from dualoptim_jax.unlearn import cli
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # The smallest settings that still exercise every stage.
-TINY = ["--model-size", "tiny", "--finetune-steps", "20", "--steps", "2", "--eval-items", "3",
-        "--max-new-tokens", "4", "--vocab-size", "300", "--seeds", "0", "--no-progress"]
+TINY = [
+  "--model-size",
+  "tiny",
+  "--finetune-steps",
+  "20",
+  "--steps",
+  "2",
+  "--eval-items",
+  "3",
+  "--max-new-tokens",
+  "4",
+  "--vocab-size",
+  "300",
+  "--seeds",
+  "0",
+  "--no-progress",
+]
 
 
 def test_defaults_and_flag_parsing():
-    cfg = cli.parse_args([])
-    assert cfg.data_dir is None and cfg.presets == tuple(cli.PRESETS) and cfg.seeds == (0, 1, 2)
-    assert (cfg.forget_steps, cfg.retain_steps, cfg.loss, cfg.out) == (1, 5, "IDK+AP", "results")
-    cfg = cli.parse_args(["--presets", "joint, dualoptim_plus", "--seeds", "1,2", "--loss", "npo+kl",
-                          "--forget-lr-scale", "2", "--split", "forget05", "--task-id", "3"])
-    assert cfg.presets == ("joint", "dualoptim_plus") and cfg.seeds == (1, 2)
-    assert (cfg.loss, cfg.forget_lr_scale, cfg.split, cfg.task_id) == ("npo+kl", 2.0, "forget05", 3)
+  cfg = cli.parse_args([])
+  assert cfg.data_dir is None and cfg.presets == tuple(cli.PRESETS) and cfg.seeds == (0, 1, 2)
+  assert (cfg.forget_steps, cfg.retain_steps, cfg.loss, cfg.out) == (1, 5, "IDK+AP", "results")
+  cfg = cli.parse_args(
+    [
+      "--presets",
+      "joint, dualoptim_plus",
+      "--seeds",
+      "1,2",
+      "--loss",
+      "npo+kl",
+      "--forget-lr-scale",
+      "2",
+      "--split",
+      "forget05",
+      "--task-id",
+      "3",
+    ]
+  )
+  assert cfg.presets == ("joint", "dualoptim_plus") and cfg.seeds == (1, 2)
+  assert (cfg.loss, cfg.forget_lr_scale, cfg.split, cfg.task_id) == ("npo+kl", 2.0, "forget05", 3)
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["--presets", "sgd"], "unknown \\['sgd'\\]"),
     (["--loss", "IDK+XX"], "unknown retain loss 'XX'"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--split", "forget02"], "invalid choice"),
-])
+  ],
+)
 def test_bad_flags_exit_with_a_message(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        cli.parse_args(argv)
-    assert __import__("re").search(message, capsys.readouterr().err)
-    with pytest.raises(SystemExit, match="--seeds must be a comma list of integers"):
-        cli.parse_args(["--seeds", "a,b"])
+  with pytest.raises(SystemExit):
+    cli.parse_args(argv)
+  assert __import__("re").search(message, capsys.readouterr().err)
+  with pytest.raises(SystemExit, match="--seeds must be a comma list of integers"):
+    cli.parse_args(["--seeds", "a,b"])
 
 
 def test_num_updates_gives_joint_and_alternate_the_same_forget_batches():
-    cfg = cli.RunConfig(forget_steps=2, retain_steps=3)
-    assert cli.num_updates("joint", 7, cfg) == 7
-    assert cli.num_updates("dualoptim_plus", 7, cfg) == 4 * 5  # ceil(7/2) cycles of 2 + 3
+  cfg = cli.RunConfig(forget_steps=2, retain_steps=3)
+  assert cli.num_updates("joint", 7, cfg) == 7
+  assert cli.num_updates("dualoptim_plus", 7, cfg) == 4 * 5  # ceil(7/2) cycles of 2 + 3
 
 
 def test_params_round_trip_and_mismatch(tmp_path):
-    model = Llama(LlamaConfig.tiny(50), rngs=nnx.Rngs(0))
-    cli.save_params(model, tmp_path / "m.npz")
-    other = Llama(LlamaConfig.tiny(50), rngs=nnx.Rngs(1))
-    cli.load_params(other, tmp_path / "m.npz")
-    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(other, nnx.Param))):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="has shape"):
-        cli.load_params(Llama(LlamaConfig.tiny(60), rngs=nnx.Rngs(0)), tmp_path / "m.npz")
+  model = Llama(LlamaConfig.tiny(50), rngs=nnx.Rngs(0))
+  cli.save_params(model, tmp_path / "m.npz")
+  other = Llama(LlamaConfig.tiny(50), rngs=nnx.Rngs(1))
+  cli.load_params(other, tmp_path / "m.npz")
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(other, nnx.Param))
+  ):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="has shape"):
+    cli.load_params(Llama(LlamaConfig.tiny(60), rngs=nnx.Rngs(0)), tmp_path / "m.npz")
 
 
 def test_tiny_run_writes_the_report(tmp_path):
-    argv = TINY + ["--presets", "dualoptim_plus", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "a")]
-    assert cli.main(argv) == 0
-    doc = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert list(doc["rows"]) == ["Initial", "Retain-only", "dualoptim_plus"]
-    assert doc["config"]["forget_updates"] == 2 and doc["config"]["presets_run"] == ["dualoptim_plus"]
-    assert all(0 <= doc["rows"][r]["mean"]["forget_prob"] <= 1 for r in doc["rows"])
-    assert doc["rows"]["Retain-only"]["mean"]["forget_quality"] == 1.0  # KS of a sample against itself
-    hist = doc["loss_histories"]["dualoptim_plus"][0]
-    assert len(hist["forget"]) == 2 and len(hist["retain"]) == 10  # 2 cycles of 1 forget + 5 retain
-    for name in ("results.md", "results.png"):
-        assert (tmp_path / "a" / name).stat().st_size > 0
-    assert len(list((tmp_path / "cache" / "models").glob("*.npz"))) == 2
+  argv = TINY + [
+    "--presets",
+    "dualoptim_plus",
+    "--cache-dir",
+    str(tmp_path / "cache"),
+    "--out",
+    str(tmp_path / "a"),
+  ]
+  assert cli.main(argv) == 0
+  doc = json.loads((tmp_path / "a" / "results.json").read_text())
+  assert list(doc["rows"]) == ["Initial", "Retain-only", "dualoptim_plus"]
+  assert doc["config"]["forget_updates"] == 2 and doc["config"]["presets_run"] == ["dualoptim_plus"]
+  assert all(0 <= doc["rows"][r]["mean"]["forget_prob"] <= 1 for r in doc["rows"])
+  assert (
+    doc["rows"]["Retain-only"]["mean"]["forget_quality"] == 1.0
+  )  # KS of a sample against itself
+  hist = doc["loss_histories"]["dualoptim_plus"][0]
+  assert len(hist["forget"]) == 2 and len(hist["retain"]) == 10  # 2 cycles of 1 forget + 5 retain
+  for name in ("results.md", "results.png"):
+    assert (tmp_path / "a" / name).stat().st_size > 0
+  assert len(list((tmp_path / "cache" / "models").glob("*.npz"))) == 2
 
 
 def test_tuned_model_is_cached_by_its_recipe(tmp_path):
-    data = cli.D.synthetic_tofu(n_authors=3, qa_per_author=2)
-    cfg = cli.parse_args(TINY + ["--finetune-steps", "3"])
-    tok = cli.Tokenizer.train(cli.corpus(data), vocab_size=300)
-    logs = []
-    first = cli.tuned_model("full", data.forget + data.retain, tok, cfg, tmp_path, log=logs.append)
-    second = cli.tuned_model("full", data.forget + data.retain, tok, cfg, tmp_path, log=logs.append)
-    assert "fine-tuned 3 steps" in logs[0] and "loaded cached model" in logs[1]
-    for a, b in zip(jax.tree.leaves(nnx.state(first, nnx.Param)), jax.tree.leaves(nnx.state(second, nnx.Param))):
-        np.testing.assert_array_equal(a, b)
-    cli.tuned_model("full", data.retain, tok, cfg, tmp_path, log=logs.append)  # other data: another entry
-    assert "fine-tuned" in logs[2] and len(list((tmp_path / "models").glob("*.npz"))) == 2
+  data = cli.D.synthetic_tofu(n_authors=3, qa_per_author=2)
+  cfg = cli.parse_args(TINY + ["--finetune-steps", "3"])
+  tok = cli.Tokenizer.train(cli.corpus(data), vocab_size=300)
+  logs = []
+  first = cli.tuned_model("full", data.forget + data.retain, tok, cfg, tmp_path, log=logs.append)
+  second = cli.tuned_model("full", data.forget + data.retain, tok, cfg, tmp_path, log=logs.append)
+  assert "fine-tuned 3 steps" in logs[0] and "loaded cached model" in logs[1]
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(first, nnx.Param)), jax.tree.leaves(nnx.state(second, nnx.Param))
+  ):
+    np.testing.assert_array_equal(a, b)
+  cli.tuned_model(
+    "full", data.retain, tok, cfg, tmp_path, log=logs.append
+  )  # other data: another entry
+  assert "fine-tuned" in logs[2] and len(list((tmp_path / "models").glob("*.npz"))) == 2
 
 
 @pytest.mark.slow
 def test_runs_are_deterministic(tmp_path):
-    argv = TINY + ["--presets", "joint", "--cache-dir", str(tmp_path / "cache")]
-    docs = []
-    for out in ("a", "b"):
-        assert cli.main(argv + ["--out", str(tmp_path / out)]) == 0
-        docs.append(json.loads((tmp_path / out / "results.json").read_text()))
-    assert docs[0]["rows"] == docs[1]["rows"]
+  argv = TINY + ["--presets", "joint", "--cache-dir", str(tmp_path / "cache")]
+  docs = []
+  for out in ("a", "b"):
+    assert cli.main(argv + ["--out", str(tmp_path / out)]) == 0
+    docs.append(json.loads((tmp_path / out / "results.json").read_text()))
+  assert docs[0]["rows"] == docs[1]["rows"]
 
 
 def test_missing_data_dir_fails_cleanly(tmp_path, capsys):
-    assert cli.main(TINY + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "holds forget01.json" in capsys.readouterr().err
+  assert cli.main(TINY + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+  assert "holds forget01.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 @pytest.mark.real_data
-@pytest.mark.skipif(not (SHARED / "tofu" / "forget01.json").is_file(), reason=f"TOFU files not found under {SHARED}")
+@pytest.mark.skipif(
+  not (SHARED / "tofu" / "forget01.json").is_file(), reason=f"TOFU files not found under {SHARED}"
+)
 def test_real_tofu_forget01_runs_through_data_dir(tmp_path):
-    argv = ["--data-dir", str(SHARED), "--split", "forget01", "--task-id", "1", "--model-size", "tiny",
-            "--finetune-steps", "30", "--steps", "2", "--eval-items", "5", "--max-new-tokens", "8",
-            "--presets", "dualoptim_plus", "--seeds", "0", "--no-progress", "--cache-dir", str(tmp_path / "c"),
-            "--out", str(tmp_path / "o")]
-    assert cli.main(argv) == 0
-    doc = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert doc["config"]["data"].startswith("tofu/forget01/task1: forget=40, retain=3960")
-    assert doc["rows"]["dualoptim_plus"]["mean"]["forget_quality"] is not None
+  argv = [
+    "--data-dir",
+    str(SHARED),
+    "--split",
+    "forget01",
+    "--task-id",
+    "1",
+    "--model-size",
+    "tiny",
+    "--finetune-steps",
+    "30",
+    "--steps",
+    "2",
+    "--eval-items",
+    "5",
+    "--max-new-tokens",
+    "8",
+    "--presets",
+    "dualoptim_plus",
+    "--seeds",
+    "0",
+    "--no-progress",
+    "--cache-dir",
+    str(tmp_path / "c"),
+    "--out",
+    str(tmp_path / "o"),
+  ]
+  assert cli.main(argv) == 0
+  doc = json.loads((tmp_path / "o" / "results.json").read_text())
+  assert doc["config"]["data"].startswith("tofu/forget01/task1: forget=40, retain=3960")
+  assert doc["rows"]["dualoptim_plus"]["mean"]["forget_quality"] is not None

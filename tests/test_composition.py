@@ -63,8 +63,9 @@ def test_chain_and_named_chain_forward_objective(make):
 
 
 def test_partition_and_masked(make):
-  tx = optax.partition({"opt": make(1e-2), "frozen": optax.set_to_zero()},
-                       {"w": "opt", "b": "frozen"})
+  tx = optax.partition(
+    {"opt": make(1e-2), "frozen": optax.set_to_zero()}, {"w": "opt", "b": "frozen"}
+  )
   params, _ = drive(tx)
   np.testing.assert_array_equal(params["b"], PARAMS["b"])
   assert not np.allclose(params["w"], PARAMS["w"])
@@ -97,8 +98,9 @@ def test_conditionally_transform(make):
 
 
 def test_inject_hyperparams(make):
-  tx = optax.inject_hyperparams(make, static_args=dj.static_hyperparams(make),
-                                hyperparam_dtype=jnp.float32)(learning_rate=1e-2)
+  tx = optax.inject_hyperparams(
+    make, static_args=dj.static_hyperparams(make), hyperparam_dtype=jnp.float32
+  )(learning_rate=1e-2)
   injected, state = drive(tx)
   plain, _ = drive(make(1e-2))
   assert_trees_close(injected, plain, rtol=1e-5, atol=1e-7)
@@ -167,8 +169,7 @@ def test_nnx_optimizer_traced_objective(make):
 
 
 def test_inject_hyperparams_without_static_layout_args_explains():
-  tx = optax.inject_hyperparams(dj.dualoptim_plus, hyperparam_dtype=jnp.float32)(
-      learning_rate=1e-2)
+  tx = optax.inject_hyperparams(dj.dualoptim_plus, hyperparam_dtype=jnp.float32)(learning_rate=1e-2)
   state = tx.init(PARAMS)
   with pytest.raises(ValueError, match=r"static_args=dj.static_hyperparams"):
     jax.jit(lambda s: tx.update(grads(0, 0), s, PARAMS, objective=0))(state)

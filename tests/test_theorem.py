@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import theorem1_fixed_point
 
 import dualoptim_jax as dj
-from reference import theorem1_fixed_point
 
 
 def simulate(s_f, s_r, beta, base_beta, ff, fr, cycles=400):
@@ -51,7 +51,8 @@ def run_transform(m, n, G, ff, fr, b1, b2, bb1, bb2, cycles):
 def test_closed_form_matches_simulation(ff, fr, beta, base_beta):
   s_f, s_r = 1.3, -0.4
   b0, _, d_f, d_r = theorem1_fixed_point(
-      s_f, s_r, beta=beta, base_beta=base_beta, forget_steps=ff, retain_steps=fr)
+    s_f, s_r, beta=beta, base_beta=base_beta, forget_steps=ff, retain_steps=fr
+  )
   b, sim_f, sim_r = simulate(s_f, s_r, beta, base_beta, ff, fr)
   np.testing.assert_allclose([b, sim_f, sim_r], [b0, d_f, d_r], rtol=1e-9, atol=1e-12)
 
@@ -64,9 +65,10 @@ def test_transform_reaches_fixed_point_unequal_frequencies(ff, fr):
   b1, b2, bb1, bb2 = 0.8, 0.85, 0.7, 0.75
   state = run_transform(m, n, G, ff, fr, b1, b2, bb1, bb2, cycles=150)
   for i, (beta, base_beta, power) in enumerate([(b1, bb1, 1), (b2, bb2, 2)]):
-    s_f, s_r = m ** power * G ** power, n ** power * G ** power
+    s_f, s_r = m**power * G**power, n**power * G**power
     b0, _, d_f, d_r = theorem1_fixed_point(
-        s_f, s_r, beta=beta, base_beta=base_beta, forget_steps=ff, retain_steps=fr)
+      s_f, s_r, beta=beta, base_beta=base_beta, forget_steps=ff, retain_steps=fr
+    )
     np.testing.assert_allclose(state.base[i]["w"], b0, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(state.deltas[0][i]["w"], d_f, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(state.deltas[1][i]["w"], d_r, rtol=1e-4, atol=1e-6)
@@ -89,13 +91,14 @@ def test_opposed_objectives_at_derived_ratio_drive_base_to_zero(ff, fr):
   cycle boundary; the deltas then carry each objective's own signal."""
   a, beta = 0.9, 0.9
   m = 1.0
-  n = -m * a ** fr * (1 - a ** ff) / (1 - a ** fr)
+  n = -m * a**fr * (1 - a**ff) / (1 - a**fr)
   G = jnp.array([1.0, -2.0, 0.5])
   state = run_transform(m, n, G, ff, fr, beta, 0.95, a, 0.95, cycles=300)
   assert float(jnp.max(jnp.abs(state.base[0]["w"]))) < 1e-5
   # Not a degenerate zero: the forget delta is the full forget moment.
-  _, _, d_f, _ = theorem1_fixed_point(m * G, n * G, beta=beta, base_beta=a,
-                                      forget_steps=ff, retain_steps=fr)
+  _, _, d_f, _ = theorem1_fixed_point(
+    m * G, n * G, beta=beta, base_beta=a, forget_steps=ff, retain_steps=fr
+  )
   np.testing.assert_allclose(state.deltas[0][0]["w"], d_f, rtol=1e-4)
   assert float(jnp.min(jnp.abs(state.deltas[0][0]["w"]))) > 0.1
 

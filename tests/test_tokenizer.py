@@ -6,15 +6,16 @@ import tokenizers
 from dualoptim_jax.models import tokenizer as tokmod
 from dualoptim_jax.models.tokenizer import Tokenizer
 
-CORPUS = ([f"Author number {i} was born in the city of Town{i % 37} in {1900 + i}." for i in range(300)]
-          + ["The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, emoji 🙂."] * 20)
+CORPUS = [
+  f"Author number {i} was born in the city of Town{i % 37} in {1900 + i}." for i in range(300)
+] + ["The quick brown fox jumps over the lazy dog. Ünïcödé, 日本語, emoji 🙂."] * 20
 
 SAMPLES = [
-    "Author number 7 was born in the city of Town7 in 1907.",
-    " leading and trailing spaces  ",
-    "Ünïcödé 日本語 🙂 — never seen: ∮ E⋅da = Q, Ω ≈ ∞; 한국어; עברית",
-    "tabs\tnewlines\n\r\nand \x00 control bytes",
-    "",
+  "Author number 7 was born in the city of Town7 in 1907.",
+  " leading and trailing spaces  ",
+  "Ünïcödé 日本語 🙂 — never seen: ∮ E⋅da = Q, Ω ≈ ∞; 한국어; עברית",
+  "tabs\tnewlines\n\r\nand \x00 control bytes",
+  "",
 ]
 
 
@@ -39,8 +40,9 @@ def test_special_ids(tok):
   assert tok.bos_id not in tok.encode("hello") and tok.eos_id not in tok.encode("hello")
   # The literal text of a special token is kept by decode only on request.
   assert tok.decode([tok.bos_id, *tok.encode("hi")], skip_special_tokens=False) == "<|bos|>hi"
-  assert tok.encode_batch(["hello", "hi"], add_bos=True) == [tok.encode(t, add_bos=True)
-                                                             for t in ("hello", "hi")]
+  assert tok.encode_batch(["hello", "hi"], add_bos=True) == [
+    tok.encode(t, add_bos=True) for t in ("hello", "hi")
+  ]
 
 
 def test_training_learns_merges(tok):

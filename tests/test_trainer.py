@@ -18,238 +18,300 @@ V, LEN = 11, 8
 
 
 class Bigram(nnx.Module):
-    """Smallest causal LM: logits of token t+1 from token t alone."""
+  """Smallest causal LM: logits of token t+1 from token t alone."""
 
-    def __init__(self, rngs):
-        self.embed = nnx.Embed(V, 16, rngs=rngs)
-        self.out = nnx.Linear(16, V, rngs=rngs)
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(V, 16, rngs=rngs)
+    self.out = nnx.Linear(16, V, rngs=rngs)
 
-    def __call__(self, ids):
-        return self.out(jnp.tanh(self.embed(ids)))
+  def __call__(self, ids):
+    return self.out(jnp.tanh(self.embed(ids)))
 
 
 def _arrays(seed, n):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
-    mask = np.zeros((n, LEN), np.float32)
-    mask[:, 4:] = 1
-    idk = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
-    token_mask = np.ones((n, LEN), np.float32)
-    token_mask[:, 0] = 0
-    return {"input_ids": ids, "answer_mask": mask, "token_mask": token_mask,
-            "idk_input_ids": idk, "idk_answer_mask": mask, "idk_token_mask": token_mask}
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
+  mask = np.zeros((n, LEN), np.float32)
+  mask[:, 4:] = 1
+  idk = rng.integers(1, V, size=(n, LEN)).astype(np.int32)
+  token_mask = np.ones((n, LEN), np.float32)
+  token_mask[:, 0] = 0
+  return {
+    "input_ids": ids,
+    "answer_mask": mask,
+    "token_mask": token_mask,
+    "idk_input_ids": idk,
+    "idk_answer_mask": mask,
+    "idk_token_mask": token_mask,
+  }
 
 
 @pytest.fixture
 def toy():
-    return Bigram(nnx.Rngs(0)), _arrays(0, 12), _arrays(1, 30)
+  return Bigram(nnx.Rngs(0)), _arrays(0, 12), _arrays(1, 30)
 
 
 def _iters(forget, retain, seed=0, batch=4):
-    return D.BatchIterator(forget, batch, seed=seed), D.BatchIterator(retain, batch, seed=seed + 1)
+  return D.BatchIterator(forget, batch, seed=seed), D.BatchIterator(retain, batch, seed=seed + 1)
 
 
 def _params(model):
-    return jax.tree.leaves(nnx.state(model, nnx.Param))
+  return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
 def _same(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(_params(a), _params(b)))
+  return all(np.array_equal(x, y) for x, y in zip(_params(a), _params(b)))
 
 
 # --------------------------------------------------------------------------- presets
 
+
 def test_preset_table_is_the_papers_six_settings():
-    assert list(T.PRESETS) == ["joint", "alternate", "dualoptim", "dualoptim_8bit", "dualoptim_plus",
-                               "dualoptim_plus_8bit"]
-    assert [p.mode for p in T.PRESETS.values()] == ["joint"] + ["alternate"] * 5
-    assert [p.state_bits for p in T.PRESETS.values()] == [32, 32, 32, 8, 32, 8]
-    with pytest.raises(ValueError, match="unknown preset 'adam'; presets are joint, alternate"):
-        T.make_optimizer("adam", 1e-3)
+  assert list(T.PRESETS) == [
+    "joint",
+    "alternate",
+    "dualoptim",
+    "dualoptim_8bit",
+    "dualoptim_plus",
+    "dualoptim_plus_8bit",
+  ]
+  assert [p.mode for p in T.PRESETS.values()] == ["joint"] + ["alternate"] * 5
+  assert [p.state_bits for p in T.PRESETS.values()] == [32, 32, 32, 8, 32, 8]
+  with pytest.raises(ValueError, match="unknown preset 'adam'; presets are joint, alternate"):
+    T.make_optimizer("adam", 1e-3)
 
 
 @pytest.mark.parametrize("name", list(T.PRESETS))
 def test_every_preset_builds_or_says_what_is_missing(name):
-    spec = T.PRESETS[name]
-    factory = getattr(dj, spec.optimizer, None)
-    supported = spec.optimizer == "adamw" or (
-        factory is not None and (spec.state_bits == 32 or "state_bits" in inspect.signature(factory).parameters))
-    if supported:
-        tx = T.make_optimizer(name, 1e-3, forget_lr_scale=2.0)
-        assert isinstance(tx, optax.GradientTransformationExtraArgs)
-        assert T.preset_available(name)
-    else:
-        with pytest.raises(NotImplementedError, match=f"preset '{name}' needs dualoptim_jax.{spec.optimizer}"):
-            T.make_optimizer(name, 1e-3)
-        assert not T.preset_available(name)
+  spec = T.PRESETS[name]
+  factory = getattr(dj, spec.optimizer, None)
+  supported = spec.optimizer == "adamw" or (
+    factory is not None
+    and (spec.state_bits == 32 or "state_bits" in inspect.signature(factory).parameters)
+  )
+  if supported:
+    tx = T.make_optimizer(name, 1e-3, forget_lr_scale=2.0)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    assert T.preset_available(name)
+  else:
+    with pytest.raises(
+      NotImplementedError, match=f"preset '{name}' needs dualoptim_jax.{spec.optimizer}"
+    ):
+      T.make_optimizer(name, 1e-3)
+    assert not T.preset_available(name)
 
 
 # --------------------------------------------------------------------------- modes
 
+
 def test_joint_update_descends_the_weighted_sum(toy):
-    model, forget, retain = toy
-    obj = L.make_objective("GA+GD", forget_coef=0.3, retain_coef=2.0)
-    runner = T.Unlearner(model, obj, optax.sgd(0.1), mode="joint")
-    fi, ri = _iters(forget, retain)
-    fb, rb = fi.indices(0), ri.indices(0)
-    losses = runner.step(fi, ri)
+  model, forget, retain = toy
+  obj = L.make_objective("GA+GD", forget_coef=0.3, retain_coef=2.0)
+  runner = T.Unlearner(model, obj, optax.sgd(0.1), mode="joint")
+  fi, ri = _iters(forget, retain)
+  fb, rb = fi.indices(0), ri.indices(0)
+  losses = runner.step(fi, ri)
 
-    graphdef, params = nnx.split(model, nnx.Param)
-    fbatch = {k: v[fb] for k, v in forget.items()}
-    rbatch = {k: v[rb] for k, v in retain.items()}
+  graphdef, params = nnx.split(model, nnx.Param)
+  fbatch = {k: v[fb] for k, v in forget.items()}
+  rbatch = {k: v[rb] for k, v in retain.items()}
 
-    def total(p):
-        fn = nnx.merge(graphdef, p)
-        return 0.3 * obj.forget_loss(fn, None, fbatch) + 2.0 * obj.retain_loss(fn, None, rbatch)
+  def total(p):
+    fn = nnx.merge(graphdef, p)
+    return 0.3 * obj.forget_loss(fn, None, fbatch) + 2.0 * obj.retain_loss(fn, None, rbatch)
 
-    want = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.jit(jax.grad(total))(params))
-    for got, exp in zip(jax.tree.leaves(nnx.state(runner.model, nnx.Param)), jax.tree.leaves(want)):
-        np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
-    fn = nnx.merge(graphdef, params)
-    assert losses["forget"] == pytest.approx(float(obj.forget_loss(fn, None, fbatch)), rel=1e-5)
-    assert losses["retain"] == pytest.approx(float(obj.retain_loss(fn, None, rbatch)), rel=1e-5)
+  want = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.jit(jax.grad(total))(params))
+  for got, exp in zip(jax.tree.leaves(nnx.state(runner.model, nnx.Param)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+  fn = nnx.merge(graphdef, params)
+  assert losses["forget"] == pytest.approx(float(obj.forget_loss(fn, None, fbatch)), rel=1e-5)
+  assert losses["retain"] == pytest.approx(float(obj.retain_loss(fn, None, rbatch)), rel=1e-5)
 
 
 def test_alternate_mode_follows_the_schedule_and_passes_the_objective(toy):
-    model, forget, retain = toy
-    # forget learning rate 0: forget updates must leave the parameters as they are.
-    tx = T.make_optimizer("alternate", 1e-2, forget_lr_scale=0.0)
-    runner = T.Unlearner(model, L.make_objective("GA+GD"), tx, mode="alternate", forget_steps=2, retain_steps=3)
-    fi, ri = _iters(forget, retain)
-    before = _params(runner.model)
-    runner.step(fi, ri)
-    assert all(np.array_equal(a, b) for a, b in zip(before, _params(runner.model)))
-    history = runner.run(fi, ri, 9, progress=False)
-    assert history.objective.tolist() == [0, 1, 1, 1, 0, 0, 1, 1, 1]
-    assert history.update.tolist() == list(range(1, 10))
-    assert (fi.position, ri.position) == (4, 6)  # forget batches on forget steps only
-    assert np.isnan(history.retain[history.objective == 0]).all()
-    assert np.isfinite(history.forget[history.objective == 0]).all()
-    assert not _same(model, runner.model)
-    series = history.series()
-    assert [u for u, _ in series["forget"]] == [1, 5, 6] and len(series["retain"]) == 6
+  model, forget, retain = toy
+  # forget learning rate 0: forget updates must leave the parameters as they are.
+  tx = T.make_optimizer("alternate", 1e-2, forget_lr_scale=0.0)
+  runner = T.Unlearner(
+    model, L.make_objective("GA+GD"), tx, mode="alternate", forget_steps=2, retain_steps=3
+  )
+  fi, ri = _iters(forget, retain)
+  before = _params(runner.model)
+  runner.step(fi, ri)
+  assert all(np.array_equal(a, b) for a, b in zip(before, _params(runner.model)))
+  history = runner.run(fi, ri, 9, progress=False)
+  assert history.objective.tolist() == [0, 1, 1, 1, 0, 0, 1, 1, 1]
+  assert history.update.tolist() == list(range(1, 10))
+  assert (fi.position, ri.position) == (4, 6)  # forget batches on forget steps only
+  assert np.isnan(history.retain[history.objective == 0]).all()
+  assert np.isfinite(history.forget[history.objective == 0]).all()
+  assert not _same(model, runner.model)
+  series = history.series()
+  assert [u for u, _ in series["forget"]] == [1, 5, 6] and len(series["retain"]) == 6
 
 
 def test_plain_optax_transform_in_alternate_mode_and_validation(toy):
-    model, forget, retain = toy
-    runner = T.Unlearner(model, L.make_objective("IDK+AP"), optax.adam(1e-2))
-    h = runner.run(*_iters(forget, retain), 6, progress=False)
-    assert h.objective.tolist() == [0, 1, 1, 1, 1, 1]
-    with pytest.raises(ValueError, match="mode must be 'joint' or 'alternate', got 'both'"):
-        T.Unlearner(model, L.make_objective("GA+GD"), optax.sgd(0.1), mode="both")
-    with pytest.raises(ValueError, match="retain_steps must be an int >= 1, got 0"):
-        T.Unlearner(model, L.make_objective("GA+GD"), optax.sgd(0.1), retain_steps=0)
+  model, forget, retain = toy
+  runner = T.Unlearner(model, L.make_objective("IDK+AP"), optax.adam(1e-2))
+  h = runner.run(*_iters(forget, retain), 6, progress=False)
+  assert h.objective.tolist() == [0, 1, 1, 1, 1, 1]
+  with pytest.raises(ValueError, match="mode must be 'joint' or 'alternate', got 'both'"):
+    T.Unlearner(model, L.make_objective("GA+GD"), optax.sgd(0.1), mode="both")
+  with pytest.raises(ValueError, match="retain_steps must be an int >= 1, got 0"):
+    T.Unlearner(model, L.make_objective("GA+GD"), optax.sgd(0.1), retain_steps=0)
 
 
 def test_reference_defaults_to_the_model_before_unlearning(toy):
-    model, forget, retain = toy
-    obj = L.make_objective("NPO+KL", beta=0.5)
-    runner = T.Unlearner(model, obj, optax.sgd(0.0), mode="joint")
-    losses = runner.step(*_iters(forget, retain))
-    # theta = ref: NPO = (2/beta) log 2 and KL = 0.
-    assert losses["forget"] == pytest.approx(2 / 0.5 * np.log(2), rel=1e-5)
-    assert losses["retain"] == pytest.approx(0.0, abs=1e-6)
-    other = Bigram(nnx.Rngs(5))
-    runner = T.Unlearner(model, obj, optax.sgd(0.0), mode="joint", ref_model=other)
-    assert runner.step(*_iters(forget, retain))["retain"] > 1e-3
+  model, forget, retain = toy
+  obj = L.make_objective("NPO+KL", beta=0.5)
+  runner = T.Unlearner(model, obj, optax.sgd(0.0), mode="joint")
+  losses = runner.step(*_iters(forget, retain))
+  # theta = ref: NPO = (2/beta) log 2 and KL = 0.
+  assert losses["forget"] == pytest.approx(2 / 0.5 * np.log(2), rel=1e-5)
+  assert losses["retain"] == pytest.approx(0.0, abs=1e-6)
+  other = Bigram(nnx.Rngs(5))
+  runner = T.Unlearner(model, obj, optax.sgd(0.0), mode="joint", ref_model=other)
+  assert runner.step(*_iters(forget, retain))["retain"] > 1e-3
 
 
 # --------------------------------------------------------------------------- determinism and resume
 
+
 def test_runs_are_deterministic_and_leave_the_input_model_alone(toy):
-    model, forget, retain = toy
-    snapshot = [np.array(p) for p in _params(model)]
-    outs = [T.unlearn(model, L.make_objective("GA+GD"), *_iters(forget, retain, seed=3), preset="alternate",
-                      learning_rate=1e-2, num_updates=8, progress=False) for _ in range(2)]
-    assert _same(outs[0].model, outs[1].model)
-    np.testing.assert_array_equal(outs[0].history.forget, outs[1].history.forget)
-    assert not _same(model, outs[0].model)
-    assert all(np.array_equal(a, b) for a, b in zip(snapshot, _params(model)))
+  model, forget, retain = toy
+  snapshot = [np.array(p) for p in _params(model)]
+  outs = [
+    T.unlearn(
+      model,
+      L.make_objective("GA+GD"),
+      *_iters(forget, retain, seed=3),
+      preset="alternate",
+      learning_rate=1e-2,
+      num_updates=8,
+      progress=False,
+    )
+    for _ in range(2)
+  ]
+  assert _same(outs[0].model, outs[1].model)
+  np.testing.assert_array_equal(outs[0].history.forget, outs[1].history.forget)
+  assert not _same(model, outs[0].model)
+  assert all(np.array_equal(a, b) for a, b in zip(snapshot, _params(model)))
 
 
 def test_resume_mid_cycle_is_bit_identical(toy):
-    model, forget, retain = toy
-    preset = "dualoptim_plus"
-    obj = L.make_objective("NPO+GD")
-    build = lambda: T.Unlearner(model, obj, T.make_optimizer(preset, 1e-2), mode=T.PRESETS[preset].mode)
-    straight = build()
-    straight.run(*_iters(forget, retain), 10, progress=False)
+  model, forget, retain = toy
+  preset = "dualoptim_plus"
+  obj = L.make_objective("NPO+GD")
+  build = lambda: T.Unlearner(
+    model, obj, T.make_optimizer(preset, 1e-2), mode=T.PRESETS[preset].mode
+  )
+  straight = build()
+  straight.run(*_iters(forget, retain), 10, progress=False)
 
-    first = build()
-    fi, ri = _iters(forget, retain)
-    first.run(fi, ri, 4, progress=False)  # stops inside the 1 + 5 cycle
-    saved, fstate, rstate = first.state_dict(), fi.state_dict(), ri.state_dict()
-    first.run(fi, ri, 3, progress=False)  # keeps going: the saved copy must stay valid
+  first = build()
+  fi, ri = _iters(forget, retain)
+  first.run(fi, ri, 4, progress=False)  # stops inside the 1 + 5 cycle
+  saved, fstate, rstate = first.state_dict(), fi.state_dict(), ri.state_dict()
+  first.run(fi, ri, 3, progress=False)  # keeps going: the saved copy must stay valid
 
-    resumed = build()
-    resumed.load_state_dict(saved)
-    fi2, ri2 = _iters(forget, retain)
-    fi2.load_state_dict(fstate)
-    ri2.load_state_dict(rstate)
-    resumed.run(fi2, ri2, 6, progress=False)
-    assert resumed.update_count == 10
-    assert _same(resumed.model, straight.model)
+  resumed = build()
+  resumed.load_state_dict(saved)
+  fi2, ri2 = _iters(forget, retain)
+  fi2.load_state_dict(fstate)
+  ri2.load_state_dict(rstate)
+  resumed.run(fi2, ri2, 6, progress=False)
+  assert resumed.update_count == 10
+  assert _same(resumed.model, straight.model)
 
-    with pytest.raises(ValueError, match="cannot resume: saved params do not match"):
-        T.Unlearner(Bigram(nnx.Rngs(0)), obj, optax.sgd(0.1)).load_state_dict(
-            {**saved, "params": {"w": jnp.zeros(3)}})
+  with pytest.raises(ValueError, match="cannot resume: saved params do not match"):
+    T.Unlearner(Bigram(nnx.Rngs(0)), obj, optax.sgd(0.1)).load_state_dict(
+      {**saved, "params": {"w": jnp.zeros(3)}}
+    )
 
 
 # --------------------------------------------------------------------------- end to end on a tiny Llama
 
+
 @pytest.fixture(scope="module")
 def tuned():
-    """A tiny Llama fine-tuned to memorise a small synthetic TOFU."""
-    from dualoptim_jax.models.llama import Llama, LlamaConfig
-    from dualoptim_jax.models.tokenizer import Tokenizer
+  """A tiny Llama fine-tuned to memorise a small synthetic TOFU."""
+  from dualoptim_jax.models.llama import Llama, LlamaConfig
+  from dualoptim_jax.models.tokenizer import Tokenizer
 
-    data = D.synthetic_tofu(seed=0, n_authors=8, qa_per_author=5, forget_fraction=0.25)
-    tok = Tokenizer.train([f"{it.question} {it.answer}" for it in data.forget + data.retain] + data.idk_answers,
-                          vocab_size=400)
-    forget = D.tokenize_unlearning_set(tok, data.forget, data.idk_answers, 64)
-    retain = D.tokenize_unlearning_set(tok, data.retain, data.idk_answers, 64)
-    everything = D.encode_pairs(tok, [(it.question, it.answer) for it in data.forget + data.retain], 64)
-    model = Llama(LlamaConfig.tiny(tok.vocab_size), rngs=nnx.Rngs(0))
-    result = T.finetune(model, D.BatchIterator(everything, 16, seed=0), optax.adamw(3e-3), 200, progress=False)
-    return result, forget, retain
+  data = D.synthetic_tofu(seed=0, n_authors=8, qa_per_author=5, forget_fraction=0.25)
+  tok = Tokenizer.train(
+    [f"{it.question} {it.answer}" for it in data.forget + data.retain] + data.idk_answers,
+    vocab_size=400,
+  )
+  forget = D.tokenize_unlearning_set(tok, data.forget, data.idk_answers, 64)
+  retain = D.tokenize_unlearning_set(tok, data.retain, data.idk_answers, 64)
+  everything = D.encode_pairs(
+    tok, [(it.question, it.answer) for it in data.forget + data.retain], 64
+  )
+  model = Llama(LlamaConfig.tiny(tok.vocab_size), rngs=nnx.Rngs(0))
+  result = T.finetune(
+    model, D.BatchIterator(everything, 16, seed=0), optax.adamw(3e-3), 200, progress=False
+  )
+  return result, forget, retain
 
 
 @nnx.jit
 def _mean_logprob(model, ids, mask):
-    return L.answer_mean_logprobs(model(ids), ids, mask).mean()
+  return L.answer_mean_logprobs(model(ids), ids, mask).mean()
 
 
 def _mean_answer_logprob(model, arrays):
-    return float(_mean_logprob(model, jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["answer_mask"])))
+  return float(
+    _mean_logprob(model, jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["answer_mask"]))
+  )
 
 
 def test_finetune_memorises(tuned):
-    result, forget, retain = tuned
-    assert result.losses[-10:].mean() < 0.1 * result.losses[:10].mean()
-    assert _mean_answer_logprob(result.model, forget) > -0.1  # p(answer token) > 0.9 on average
-    assert _mean_answer_logprob(result.model, retain) > -0.1
+  result, forget, retain = tuned
+  assert result.losses[-10:].mean() < 0.1 * result.losses[:10].mean()
+  assert _mean_answer_logprob(result.model, forget) > -0.1  # p(answer token) > 0.9 on average
+  assert _mean_answer_logprob(result.model, retain) > -0.1
 
 
 def test_unlearning_lowers_forget_probability_far_more_than_retain(tuned):
-    result, forget, retain = tuned
-    f0, r0 = _mean_answer_logprob(result.model, forget), _mean_answer_logprob(result.model, retain)
-    out = T.unlearn(result.model, L.make_objective("GA+GD"), *_iters(forget, retain, batch=8),
-                    preset="dualoptim_plus", learning_rate=2e-3, num_updates=24, progress=False)
-    f_drop = f0 - _mean_answer_logprob(out.model, forget)  # nats per answer token
-    r_drop = r0 - _mean_answer_logprob(out.model, retain)
-    # Measured: f_drop ~ 0.97, r_drop ~ 0.02 (4 forget and 20 retain updates).
-    assert f_drop > 0.5
-    assert f_drop > 10 * max(r_drop, 0.01)
-    assert len(out.history.series()["forget"]) > 0 and np.isfinite(out.history.forget[~np.isnan(out.history.forget)]).all()
+  result, forget, retain = tuned
+  f0, r0 = _mean_answer_logprob(result.model, forget), _mean_answer_logprob(result.model, retain)
+  out = T.unlearn(
+    result.model,
+    L.make_objective("GA+GD"),
+    *_iters(forget, retain, batch=8),
+    preset="dualoptim_plus",
+    learning_rate=2e-3,
+    num_updates=24,
+    progress=False,
+  )
+  f_drop = f0 - _mean_answer_logprob(out.model, forget)  # nats per answer token
+  r_drop = r0 - _mean_answer_logprob(out.model, retain)
+  # Measured: f_drop ~ 0.97, r_drop ~ 0.02 (4 forget and 20 retain updates).
+  assert f_drop > 0.5
+  assert f_drop > 10 * max(r_drop, 0.01)
+  assert (
+    len(out.history.series()["forget"]) > 0
+    and np.isfinite(out.history.forget[~np.isnan(out.history.forget)]).all()
+  )
 
 
 def test_runs_that_differ_only_in_seed_share_compiled_steps(toy):
-    model, forget, retain = toy
-    run = lambda seed: T.unlearn(model, L.make_objective("GA+GD", forget_coef=0.7), *_iters(forget, retain, seed=seed),
-                                 preset="dualoptim", learning_rate=1e-2, num_updates=7, progress=False)
-    run(0)
-    before = T._compiled_update.cache_info()
-    out = run(1)
-    after = T._compiled_update.cache_info()
-    assert after.misses == before.misses and after.hits == before.hits + 7  # one lookup per update
-    assert not np.array_equal(out.history.forget, run(0).history.forget, equal_nan=True)  # the seed still matters
+  model, forget, retain = toy
+  run = lambda seed: T.unlearn(
+    model,
+    L.make_objective("GA+GD", forget_coef=0.7),
+    *_iters(forget, retain, seed=seed),
+    preset="dualoptim",
+    learning_rate=1e-2,
+    num_updates=7,
+    progress=False,
+  )
+  run(0)
+  before = T._compiled_update.cache_info()
+  out = run(1)
+  after = T._compiled_update.cache_info()
+  assert after.misses == before.misses and after.hits == before.hits + 7  # one lookup per update
+  assert not np.array_equal(
+    out.history.forget, run(0).history.forget, equal_nan=True
+  )  # the seed still matters

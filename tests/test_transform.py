@@ -1,15 +1,13 @@
 """Parity of the transforms against independent float64 NumPy references."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference import DualOptimPlusRef, DualOptimRef
 
 import dualoptim_jax as dj
-from reference import DualOptimPlusRef, DualOptimRef
 
 STEPS = 54
 
@@ -17,8 +15,8 @@ STEPS = 54
 def make_params(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "w": rng.normal(size=(4, 5)).astype(np.float32),
-      "b": rng.normal(size=(5,)).astype(np.float32),
+    "w": rng.normal(size=(4, 5)).astype(np.float32),
+    "b": rng.normal(size=(5,)).astype(np.float32),
   }
 
 
@@ -28,8 +26,7 @@ def grads_for(seed, step, k, params):
   rng = np.random.default_rng(1000 * seed + 7 * step + k)
   scale = [1.0, -0.3, 2.0][k]
   return {
-      n: (scale * rng.normal(size=p.shape) + 0.5 * k).astype(np.float32)
-      for n, p in params.items()
+    n: (scale * rng.normal(size=p.shape) + 0.5 * k).astype(np.float32) for n, p in params.items()
   }
 
 
@@ -73,14 +70,34 @@ def test_dualoptim_plus_matches_reference(num_objectives, traced, use_jit):
   lr, wd = 1e-2, 0.05
   scales = [1.0, 0.5, 2.0][:num_objectives]
   mask = {"w": True, "b": False}
-  tx = dj.dualoptim_plus(lr, b1=0.9, b2=0.95, base_b1=0.8, base_b2=0.9, eps=1e-6,
-                         weight_decay=wd, num_objectives=num_objectives,
-                         lr_scales=scales, mask=mask)
-  ref = DualOptimPlusRef(make_params(), lr=lr, b1=0.9, b2=0.95, bb1=0.8, bb2=0.9,
-                         eps=1e-6, wd=wd, num_objectives=num_objectives,
-                         lr_scales=scales, wd_mask=mask)
-  worst, _ = run_pair(tx, ref, num_objectives, cycle(num_objectives),
-                      traced=traced, use_jit=use_jit)
+  tx = dj.dualoptim_plus(
+    lr,
+    b1=0.9,
+    b2=0.95,
+    base_b1=0.8,
+    base_b2=0.9,
+    eps=1e-6,
+    weight_decay=wd,
+    num_objectives=num_objectives,
+    lr_scales=scales,
+    mask=mask,
+  )
+  ref = DualOptimPlusRef(
+    make_params(),
+    lr=lr,
+    b1=0.9,
+    b2=0.95,
+    bb1=0.8,
+    bb2=0.9,
+    eps=1e-6,
+    wd=wd,
+    num_objectives=num_objectives,
+    lr_scales=scales,
+    wd_mask=mask,
+  )
+  worst, _ = run_pair(
+    tx, ref, num_objectives, cycle(num_objectives), traced=traced, use_jit=use_jit
+  )
   # Parameters move ~0.5 over the run; float32 rounding in |vD/c + vB| near
   # cancellation makes single elements drift by ~5e-5 (measured) over the run.
   assert worst < 2e-4, worst
@@ -92,12 +109,28 @@ def test_dualoptim_matches_reference(num_objectives, traced):
   lr, wd = 1e-2, 0.05
   scales = [1.0, 0.5, 2.0][:num_objectives]
   mask = {"w": True, "b": False}
-  tx = dj.dualoptim(lr, b1=0.9, b2=0.95, eps=1e-6, weight_decay=wd,
-                    num_objectives=num_objectives, lr_scales=scales, mask=mask)
-  ref = DualOptimRef(make_params(), lr=lr, b1=0.9, b2=0.95, eps=1e-6, wd=wd,
-                     num_objectives=num_objectives, lr_scales=scales, wd_mask=mask)
-  worst, _ = run_pair(tx, ref, num_objectives, cycle(num_objectives),
-                      traced=traced, use_jit=True)
+  tx = dj.dualoptim(
+    lr,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-6,
+    weight_decay=wd,
+    num_objectives=num_objectives,
+    lr_scales=scales,
+    mask=mask,
+  )
+  ref = DualOptimRef(
+    make_params(),
+    lr=lr,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-6,
+    wd=wd,
+    num_objectives=num_objectives,
+    lr_scales=scales,
+    wd_mask=mask,
+  )
+  worst, _ = run_pair(tx, ref, num_objectives, cycle(num_objectives), traced=traced, use_jit=True)
   assert worst < 1e-5, worst
 
 
@@ -117,8 +150,9 @@ def test_reference_tolerance_is_tight_enough_to_catch_poster_variant():
       return out
 
   tx = dj.dualoptim_plus(1e-2, base_b1=0.8, base_b2=0.9, eps=1e-6)
-  ref = PosterRef(make_params(), lr=1e-2, b1=0.9, b2=0.95, bb1=0.8, bb2=0.9,
-                  eps=1e-6, wd=0.0, num_objectives=2)
+  ref = PosterRef(
+    make_params(), lr=1e-2, b1=0.9, b2=0.95, bb1=0.8, bb2=0.9, eps=1e-6, wd=0.0, num_objectives=2
+  )
   worst, _ = run_pair(tx, ref, 2, dj.alternating(1, 5), traced=False, use_jit=True)
   assert worst > 5e-3, worst
 
@@ -128,9 +162,7 @@ def test_dualoptim_equals_independent_adamw_runs(num_objectives):
   params = jax.tree.map(jnp.asarray, make_params())
   tx = dj.dualoptim(1e-2, weight_decay=0.01, num_objectives=num_objectives)
   state = tx.init(params)
-  singles = [optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.01)
-             for _ in range(num_objectives)]
-  single_params = [params] * num_objectives
+  singles = [optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.01) for _ in range(num_objectives)]
   single_states = [s.init(params) for s in singles]
   p = params
   sched = cycle(num_objectives)
@@ -154,8 +186,10 @@ def test_update_touches_only_the_active_objective():
   for k in range(3):
     _, new = tx.update(g, state, objective=k)
     for j in range(3):
-      same = all(np.array_equal(a, b) for a, b in zip(
-          jax.tree.leaves(new.deltas[j]), jax.tree.leaves(state.deltas[j])))
+      same = all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(new.deltas[j]), jax.tree.leaves(state.deltas[j]))
+      )
       assert same == (j != k)
     np.testing.assert_array_equal(new.counts, np.eye(3, dtype=np.int32)[k])
     assert int(new.count) == 1
@@ -165,7 +199,7 @@ def test_state_structure_and_dtypes_preserved():
   params = jax.tree.map(jnp.asarray, make_params())
   for tx in (dj.dualoptim_plus(1e-3), dj.dualoptim(1e-3)):
     s0 = tx.init(params)
-    _, s1 = jax.jit(lambda g, s: tx.update(g, s, params, objective=jnp.int32(1)))(params, s0)
+    _, s1 = jax.jit(lambda g, s, tx=tx: tx.update(g, s, params, objective=jnp.int32(1)))(params, s0)
     assert jax.tree.structure(s0) == jax.tree.structure(s1)
     for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
       assert a.shape == b.shape and a.dtype == b.dtype
@@ -209,14 +243,16 @@ def test_schedule_learning_rate_counts_global_steps(make):
 
 def test_mu_dtype_with_bf16_params():
   params = {"w": jnp.ones((3, 4), jnp.bfloat16)}
-  for tx in (dj.dualoptim_plus(1e-2, mu_dtype=jnp.float32),
-             dj.dualoptim(1e-2, mu_dtype=jnp.float32)):
+  for tx in (
+    dj.dualoptim_plus(1e-2, mu_dtype=jnp.float32),
+    dj.dualoptim(1e-2, mu_dtype=jnp.float32),
+  ):
     s0 = tx.init(params)
     for leaf in jax.tree.leaves(s0):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert leaf.dtype == jnp.float32
     g = {"w": jnp.full((3, 4), 0.5, jnp.bfloat16)}
-    u, s1 = jax.jit(lambda g, s: tx.update(g, s, params, objective=0))(g, s0)
+    u, s1 = jax.jit(lambda g, s, tx=tx: tx.update(g, s, params, objective=0))(g, s0)
     new = optax.apply_updates(params, u)
     assert new["w"].dtype == jnp.bfloat16
     assert jax.tree.map(lambda x: x.dtype, s0) == jax.tree.map(lambda x: x.dtype, s1)

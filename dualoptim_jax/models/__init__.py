@@ -7,5 +7,15 @@ from dualoptim_jax.models.llama import KVCache, Llama, LlamaConfig
 from dualoptim_jax.models.safetensors import load_pretrained, save_pretrained
 from dualoptim_jax.models.tokenizer import Tokenizer
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "Tokenizer", "find_smollm2_gguf", "greedy_generate",
-           "load_gguf", "load_pretrained", "pad_prompts", "save_pretrained"]
+__all__ = [
+  "KVCache",
+  "Llama",
+  "LlamaConfig",
+  "Tokenizer",
+  "find_smollm2_gguf",
+  "greedy_generate",
+  "load_gguf",
+  "load_pretrained",
+  "pad_prompts",
+  "save_pretrained",
+]

@@ -10,7 +10,7 @@ has emitted EOS) run in one compiled function per (batch, padded length, max_new
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,9 @@ from dualoptim_jax.models.llama import Llama
 __all__ = ["greedy_generate", "pad_prompts"]
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int, side: str = "left",
-                multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+  prompts: Sequence[Sequence[int]], *, pad_id: int, side: str = "left", multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """Pads token lists into ``(ids, mask)`` int32 arrays of shape (B, P).
 
   ``P`` is the longest prompt rounded up to ``multiple`` (fewer distinct shapes, fewer compiles);
@@ -101,9 +102,17 @@ def _generate_uncached(model, prompts, max_new_tokens, eos_id, pad_id):
   return out
 
 
-def greedy_generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    eos_id: int, pad_id: int, padding_side: str = "left",
-                    pad_to_multiple: int = 8, use_cache: bool = True) -> list[list[int]]:
+def greedy_generate(
+  model: Llama,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int,
+  padding_side: str = "left",
+  pad_to_multiple: int = 8,
+  use_cache: bool = True,
+) -> list[list[int]]:
   """Greedy (argmax) continuation of each prompt, decoded as one batch.
 
   Args:
@@ -126,13 +135,21 @@ def greedy_generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_t
   if use_cache:
     ids, mask = pad_prompts(prompts, pad_id=pad_id, side=padding_side, multiple=pad_to_multiple)
     graphdef, state = nnx.split(model)
-    out = np.asarray(_generate_cached(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                      jnp.int32(eos_id), jnp.int32(pad_id),
-                                      max_new_tokens=max_new_tokens))
+    out = np.asarray(
+      _generate_cached(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.int32(eos_id),
+        jnp.int32(pad_id),
+        max_new_tokens=max_new_tokens,
+      )
+    )
   else:
     pad_prompts(prompts, pad_id=pad_id)  # same validation as the cached path
     out = _generate_uncached(model, prompts, max_new_tokens, eos_id, pad_id)
   results = []
   for row in out.tolist():
-    results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    results.append(row[: row.index(eos_id)] if eos_id in row else row)
   return results

@@ -35,8 +35,14 @@ from dualoptim_jax.models.hf_weights import from_hf_weights
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 
-__all__ = ["load_gguf", "gguf_config", "gguf_weights", "gguf_tokenizer", "find_smollm2_gguf",
-           "unpermute_qk"]
+__all__ = [
+  "load_gguf",
+  "gguf_config",
+  "gguf_weights",
+  "gguf_tokenizer",
+  "find_smollm2_gguf",
+  "unpermute_qk",
+]
 
 # Pre-tokenizers (llama.cpp's ``tokenizer.ggml.pre``) -> what the HF tokenizer.json uses.
 # GPT-2 regex only:
@@ -45,8 +51,10 @@ _PRE_GPT2 = {"default", "gpt2", "mpt", "olmo", "jais", "gpt-2"}
 _PRE_DIGITS = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 # Llama 3 regex (numbers in groups of up to three, case-insensitive contractions):
 _PRE_LLAMA3 = {"llama-bpe", "llama3", "smaug-bpe"}
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_REGEX = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 
@@ -96,14 +104,18 @@ def gguf_config(path_or_reader) -> LlamaConfig:
     raise NotImplementedError("GGUF rope scaling is not supported")
   names = {t.name for t in r.tensors}
   return LlamaConfig(
-      vocab_size=int(vocab), dim=dim, n_layers=int(_field(r, "llama.block_count")),
-      n_heads=n_heads, n_kv_heads=int(_field(r, "llama.attention.head_count_kv", n_heads)),
-      ffn_dim=int(_field(r, "llama.feed_forward_length")),
-      head_dim=int(_field(r, "llama.rope.dimension_count", dim // n_heads)),
-      rope_theta=_f32(_field(r, "llama.rope.freq_base", 10000.0)),
-      norm_eps=_f32(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-      max_seq_len=int(_field(r, "llama.context_length", 2048)),
-      tie_embeddings="output.weight" not in names)
+    vocab_size=int(vocab),
+    dim=dim,
+    n_layers=int(_field(r, "llama.block_count")),
+    n_heads=n_heads,
+    n_kv_heads=int(_field(r, "llama.attention.head_count_kv", n_heads)),
+    ffn_dim=int(_field(r, "llama.feed_forward_length")),
+    head_dim=int(_field(r, "llama.rope.dimension_count", dim // n_heads)),
+    rope_theta=_f32(_field(r, "llama.rope.freq_base", 10000.0)),
+    norm_eps=_f32(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    max_seq_len=int(_field(r, "llama.context_length", 2048)),
+    tie_embeddings="output.weight" not in names,
+  )
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -113,10 +125,15 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 _GGUF_TO_HF = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
 }
 
 
@@ -156,7 +173,8 @@ def gguf_tokenizer(path_or_reader) -> Tokenizer:
   kind = _field(r, "tokenizer.ggml.model")
   if kind != "gpt2":
     raise NotImplementedError(
-        f"tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE, 'gpt2')")
+      f"tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE, 'gpt2')"
+    )
   pre = _field(r, "tokenizer.ggml.pre", "default")
   tokens = list(_field(r, "tokenizer.ggml.tokens"))
   types = list(_field(r, "tokenizer.ggml.token_type", [1] * len(tokens)))
@@ -170,9 +188,12 @@ def gguf_tokenizer(path_or_reader) -> Tokenizer:
     pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     ignore_merges = False
   elif pre in _PRE_LLAMA3:
-    pre_tok = pre_tokenizers.Sequence([
+    pre_tok = pre_tokenizers.Sequence(
+      [
         pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
     ignore_merges = True
   else:
     raise NotImplementedError(f"GGUF pre-tokenizer {pre!r} is not supported")
@@ -181,15 +202,26 @@ def gguf_tokenizer(path_or_reader) -> Tokenizer:
   tok.pre_tokenizer = pre_tok
   tok.decoder = decoders.ByteLevel()
   # Control tokens (<|im_start|> ...) are matched whole in text and skipped by decode.
-  tok.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-                          for i, t in enumerate(types) if t == _TOKEN_CONTROL])
-  tok.add_tokens([tokenizers.AddedToken(tokens[i], special=False, normalized=False)
-                  for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED])
+  tok.add_special_tokens(
+    [
+      tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+      for i, t in enumerate(types)
+      if t == _TOKEN_CONTROL
+    ]
+  )
+  tok.add_tokens(
+    [
+      tokenizers.AddedToken(tokens[i], special=False, normalized=False)
+      for i, t in enumerate(types)
+      if t == _TOKEN_USER_DEFINED
+    ]
+  )
   eos = int(_field(r, "tokenizer.ggml.eos_token_id"))
   bos = int(_field(r, "tokenizer.ggml.bos_token_id", eos))
   pad = int(_field(r, "tokenizer.ggml.padding_token_id", eos))
-  return Tokenizer.from_hf_tokenizer(tok, bos_id=bos, eos_id=eos, pad_id=pad,
-                                     chat_template=_field(r, "tokenizer.chat_template"))
+  return Tokenizer.from_hf_tokenizer(
+    tok, bos_id=bos, eos_id=eos, pad_id=pad, chat_template=_field(r, "tokenizer.chat_template")
+  )
 
 
 def load_gguf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[Llama, Tokenizer]:

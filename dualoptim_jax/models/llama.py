@@ -88,18 +88,28 @@ class LlamaConfig:
   tie_embeddings: bool = True
 
   def __post_init__(self):
-    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+    for name in (
+      "vocab_size",
+      "dim",
+      "n_layers",
+      "n_heads",
+      "n_kv_heads",
+      "ffn_dim",
+      "max_seq_len",
+    ):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
-          f"LlamaConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        f"LlamaConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
+      )
     if self.head_dim is None:
       if self.dim % self.n_heads:
         raise ValueError(
-            f"LlamaConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; "
-            "set head_dim explicitly")
+          f"LlamaConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+          "set head_dim explicitly"
+        )
       object.__setattr__(self, "head_dim", self.dim // self.n_heads)
     if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim must be an even int >= 2, got {self.head_dim!r}")
@@ -119,27 +129,51 @@ class LlamaConfig:
     return self.vocab_size * d + self.n_layers * per_layer + d + head
 
   @classmethod
-  def tiny(cls, vocab_size: int) -> "LlamaConfig":
+  def tiny(cls, vocab_size: int) -> LlamaConfig:
     """Test-sized model: dim 64, 2 layers, 4 heads / 2 KV heads, ffn 128."""
-    return cls(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-               max_seq_len=256)
+    return cls(
+      vocab_size=vocab_size,
+      dim=64,
+      n_layers=2,
+      n_heads=4,
+      n_kv_heads=2,
+      ffn_dim=128,
+      max_seq_len=256,
+    )
 
   @classmethod
-  def small(cls, vocab_size: int) -> "LlamaConfig":
+  def small(cls, vocab_size: int) -> LlamaConfig:
     """The built-in experiment's model: dim 128, 4 layers, 4 heads / 2 KV heads, ffn 384.
 
     About 0.79M non-embedding parameters (+ 128 per vocabulary entry), sized so fine-tuning and
     unlearning with six optimizer presets fit in minutes on a 2-core CPU.
     """
-    return cls(vocab_size=vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
-               max_seq_len=512)
+    return cls(
+      vocab_size=vocab_size,
+      dim=128,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=2,
+      ffn_dim=384,
+      max_seq_len=512,
+    )
 
   @classmethod
-  def smollm2_135m(cls) -> "LlamaConfig":
+  def smollm2_135m(cls) -> LlamaConfig:
     """SmolLM2-135M (HuggingFaceTB): 30 layers, d=576, 9 heads / 3 KV heads, tied, 134.5M params."""
-    return cls(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
-               head_dim=64, rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192,
-               tie_embeddings=True)
+    return cls(
+      vocab_size=49152,
+      dim=576,
+      n_layers=30,
+      n_heads=9,
+      n_kv_heads=3,
+      ffn_dim=1536,
+      head_dim=64,
+      rope_theta=100000.0,
+      norm_eps=1e-5,
+      max_seq_len=8192,
+      tie_embeddings=True,
+    )
 
 
 class KVCache(NamedTuple):
@@ -186,8 +220,10 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, *, param_dtype, eager: bool):
     self.eps = eps
     self.scale = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.ones_init(), (None,), eager_sharding=eager)(
-            None, (dim,), param_dtype))
+      nnx.with_partitioning(nnx.initializers.ones_init(), (None,), eager_sharding=eager)(
+        None, (dim,), param_dtype
+      )
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -196,8 +232,15 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(d_in, d_out, names, *, param_dtype, eager, rngs):
-  return nnx.Linear(d_in, d_out, use_bias=False, param_dtype=param_dtype, dtype=param_dtype,
-                    kernel_init=_init(0.02, names, eager), rngs=rngs)
+  return nnx.Linear(
+    d_in,
+    d_out,
+    use_bias=False,
+    param_dtype=param_dtype,
+    dtype=param_dtype,
+    kernel_init=_init(0.02, names, eager),
+    rngs=rngs,
+  )
 
 
 class Attention(nnx.Module):
@@ -230,8 +273,9 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       new_kv = (k, v)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.einsum(
+      "btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    ) / math.sqrt(hd)
     # A finite floor, not -inf: a query with no allowed key (a left-padding slot) gets uniform
     # weights instead of NaN, and its output is never used.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -260,8 +304,9 @@ class Block(nnx.Module):
     kw = dict(param_dtype=param_dtype, tp_axis=tp_axis, eager=eager, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype, eager=eager)
     self.self_attn = Attention(cfg, **kw)
-    self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype,
-                                            eager=eager)
+    self.post_attention_layernorm = RMSNorm(
+      cfg.dim, cfg.norm_eps, param_dtype=param_dtype, eager=eager
+    )
     self.mlp = MLP(cfg, **kw)
 
   def __call__(self, x, batch, cos, sin, mask, kv=None, index=None):
@@ -287,20 +332,40 @@ class Llama(nnx.Module):
     logits = model(jnp.zeros((2, 8), jnp.int32))        # (2, 8, 256) float32
   """
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               tp_axis: str | None = None):
+  def __init__(
+    self,
+    config: LlamaConfig,
+    *,
+    rngs: nnx.Rngs,
+    param_dtype=jnp.float32,
+    tp_axis: str | None = None,
+  ):
     self.config = config
     # Shard at creation only inside an active mesh; otherwise keep the annotations as metadata.
     eager = not jax.sharding.get_abstract_mesh().empty
     kw = dict(param_dtype=param_dtype, tp_axis=tp_axis, eager=eager, rngs=rngs)
     self.embed_tokens = nnx.Embed(
-        config.vocab_size, config.dim, param_dtype=param_dtype, dtype=param_dtype,
-        embedding_init=_init(0.02, (tp_axis, FSDP), eager), rngs=rngs)
+      config.vocab_size,
+      config.dim,
+      param_dtype=param_dtype,
+      dtype=param_dtype,
+      embedding_init=_init(0.02, (tp_axis, FSDP), eager),
+      rngs=rngs,
+    )
     self.layers = nnx.List([Block(config, **kw) for _ in range(config.n_layers)])
     self.norm = RMSNorm(config.dim, config.norm_eps, param_dtype=param_dtype, eager=eager)
-    self.lm_head = None if config.tie_embeddings else _linear(
-        config.dim, config.vocab_size, (FSDP, tp_axis), param_dtype=param_dtype, eager=eager,
-        rngs=rngs)
+    self.lm_head = (
+      None
+      if config.tie_embeddings
+      else _linear(
+        config.dim,
+        config.vocab_size,
+        (FSDP, tp_axis),
+        param_dtype=param_dtype,
+        eager=eager,
+        rngs=rngs,
+      )
+    )
 
   def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
     """An empty cache for ``batch_size`` rows and ``max_len`` slots (default ``max_seq_len``)."""
@@ -309,16 +374,28 @@ class Llama(nnx.Module):
     dtype = self.embed_tokens.embedding.dtype if dtype is None else dtype
     shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-    return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-                   mask=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))
+    return KVCache(
+      keys=zeros,
+      values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+      mask=jnp.zeros((batch_size, max_len), bool),
+      index=jnp.zeros((), jnp.int32),
+    )
 
-  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
-                    attention_mask: jax.Array | None = None, cache: KVCache | None = None
-                    ) -> tuple[jax.Array, KVCache | None]:
+  def hidden_states(
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array | None = None,
+    *,
+    attention_mask: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states (B, T, dim) and the updated cache (None without one)."""
     batch, t = input_ids.shape
-    valid = (jnp.ones((batch, t), bool) if attention_mask is None
-             else jnp.asarray(attention_mask).astype(bool))
+    valid = (
+      jnp.ones((batch, t), bool)
+      if attention_mask is None
+      else jnp.asarray(attention_mask).astype(bool)
+    )
     if positions is None:
       if attention_mask is None and cache is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
@@ -356,15 +433,25 @@ class Llama(nnx.Module):
     """Float32 logits from final hidden states (..., dim) -> (..., vocab)."""
     flat = h.reshape(-1, h.shape[-1])
     if self.lm_head is None:
-      out = jnp.dot(flat, self.embed_tokens.embedding[...].T.astype(flat.dtype),
-                    preferred_element_type=jnp.float32)
+      out = jnp.dot(
+        flat,
+        self.embed_tokens.embedding[...].T.astype(flat.dtype),
+        preferred_element_type=jnp.float32,
+      )
     else:
       out = self.lm_head(flat)
     return out.astype(jnp.float32).reshape(h.shape[:-1] + (-1,))
 
-  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
-               attention_mask: jax.Array | None = None, cache: KVCache | None = None):
-    h, new_cache = self.hidden_states(input_ids, positions, attention_mask=attention_mask,
-                                      cache=cache)
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array | None = None,
+    *,
+    attention_mask: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ):
+    h, new_cache = self.hidden_states(
+      input_ids, positions, attention_mask=attention_mask, cache=cache
+    )
     logits = self.logits(h)
     return logits if cache is None else (logits, new_cache)

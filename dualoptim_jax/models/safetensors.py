@@ -20,15 +20,25 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from dualoptim_jax.models.hf_weights import config_from_hf, config_to_hf, from_hf_weights, to_hf_weights
+from dualoptim_jax.models.hf_weights import (
+  config_from_hf,
+  config_to_hf,
+  from_hf_weights,
+  to_hf_weights,
+)
 from dualoptim_jax.models.llama import Llama
 from dualoptim_jax.models.tokenizer import Tokenizer
 
 __all__ = ["load_pretrained", "save_pretrained"]
 
 
-def save_pretrained(model: Llama, directory: str | os.PathLike, *,
-                    tokenizer: Tokenizer | None = None, dtype=np.float32) -> Path:
+def save_pretrained(
+  model: Llama,
+  directory: str | os.PathLike,
+  *,
+  tokenizer: Tokenizer | None = None,
+  dtype=np.float32,
+) -> Path:
   """Writes ``config.json``, ``model.safetensors`` (and tokenizer files) into ``directory``."""
   from safetensors.numpy import save_file
 
@@ -36,18 +46,21 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *,
   directory.mkdir(parents=True, exist_ok=True)
   extra = {}
   if tokenizer is not None:
-    extra = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                 pad_token_id=tokenizer.pad_id)
+    extra = dict(
+      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
+    )
   extra["torch_dtype"] = np.dtype(dtype).name
   (directory / "config.json").write_text(json.dumps(config_to_hf(model.config, **extra), indent=2))
   weights = {k: v.astype(dtype) for k, v in to_hf_weights(model).items()}
   save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save(directory / "tokenizer.json")
-    tok_cfg = {"bos_token": tokenizer.id_to_token(tokenizer.bos_id),
-               "eos_token": tokenizer.id_to_token(tokenizer.eos_id),
-               "pad_token": tokenizer.id_to_token(tokenizer.pad_id),
-               "tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_cfg = {
+      "bos_token": tokenizer.id_to_token(tokenizer.bos_id),
+      "eos_token": tokenizer.id_to_token(tokenizer.eos_id),
+      "pad_token": tokenizer.id_to_token(tokenizer.pad_id),
+      "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     if tokenizer.chat_template is not None:
       tok_cfg["chat_template"] = tokenizer.chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
@@ -89,16 +102,22 @@ def _read_tokenizer(directory: Path, hf_config: dict) -> Tokenizer | None:
 
   eos = special_id("eos")
   if eos is None:
-    raise ValueError(f"{directory}: no eos_token_id in config.json nor eos_token in "
-                     "tokenizer_config.json")
+    raise ValueError(
+      f"{directory}: no eos_token_id in config.json nor eos_token in tokenizer_config.json"
+    )
   bos, pad = special_id("bos"), special_id("pad")
-  return Tokenizer.from_hf_tokenizer(tok, bos_id=eos if bos is None else bos, eos_id=eos,
-                                     pad_id=eos if pad is None else pad,
-                                     chat_template=tok_cfg.get("chat_template"))
+  return Tokenizer.from_hf_tokenizer(
+    tok,
+    bos_id=eos if bos is None else bos,
+    eos_id=eos,
+    pad_id=eos if pad is None else pad,
+    chat_template=tok_cfg.get("chat_template"),
+  )
 
 
-def load_pretrained(directory: str | os.PathLike, *, param_dtype=jnp.float32
-                    ) -> tuple[Llama, Tokenizer | None]:
+def load_pretrained(
+  directory: str | os.PathLike, *, param_dtype=jnp.float32
+) -> tuple[Llama, Tokenizer | None]:
   """Reads a HF Llama checkpoint directory: the model and its tokenizer (None if absent)."""
   directory = Path(directory)
   hf_config = json.loads((directory / "config.json").read_text())

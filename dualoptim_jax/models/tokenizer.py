@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -45,8 +45,15 @@ class Tokenizer:
     assert tok.decode(ids) == "some text"
   """
 
-  def __init__(self, hf_tokenizer: tokenizers.Tokenizer, *, bos_id: int, eos_id: int,
-               pad_id: int, chat_template: str | None = None):
+  def __init__(
+    self,
+    hf_tokenizer: tokenizers.Tokenizer,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    chat_template: str | None = None,
+  ):
     size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
       if not 0 <= int(value) < size:
@@ -71,8 +78,9 @@ class Tokenizer:
     ids = self._tok.encode(text, add_special_tokens=False).ids
     return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
-  def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
-                   add_eos: bool = False) -> list[list[int]]:
+  def encode_batch(
+    self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
+  ) -> list[list[int]]:
     """:meth:`encode` over many texts (parallel in the Rust library)."""
     encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
     head, tail = ([self.bos_id] if add_bos else []), ([self.eos_id] if add_eos else [])
@@ -91,15 +99,28 @@ class Tokenizer:
   # Construction -------------------------------------------------------------------------------
 
   @classmethod
-  def from_hf_tokenizer(cls, hf_tokenizer: tokenizers.Tokenizer, bos_id: int, eos_id: int,
-                        pad_id: int, chat_template: str | None = None) -> "Tokenizer":
+  def from_hf_tokenizer(
+    cls,
+    hf_tokenizer: tokenizers.Tokenizer,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    chat_template: str | None = None,
+  ) -> Tokenizer:
     """Wraps an existing ``tokenizers.Tokenizer`` (e.g. built from a GGUF file)."""
-    return cls(hf_tokenizer, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-               chat_template=chat_template)
+    return cls(
+      hf_tokenizer, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, chat_template=chat_template
+    )
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike, *, bos_token: str = BOS_TOKEN,
-                eos_token: str = EOS_TOKEN, pad_token: str = PAD_TOKEN) -> "Tokenizer":
+  def from_file(
+    cls,
+    path: str | os.PathLike,
+    *,
+    bos_token: str = BOS_TOKEN,
+    eos_token: str = EOS_TOKEN,
+    pad_token: str = PAD_TOKEN,
+  ) -> Tokenizer:
     """Loads a ``tokenizer.json``; special ids are looked up by their token strings."""
     tok = tokenizers.Tokenizer.from_file(str(path))
     ids = {}
@@ -124,8 +145,9 @@ class Tokenizer:
         os.remove(tmp)
 
   @classmethod
-  def train(cls, texts: Sequence[str], vocab_size: int = 4096,
-            cache_path: str | os.PathLike | None = None) -> "Tokenizer":
+  def train(
+    cls, texts: Sequence[str], vocab_size: int = 4096, cache_path: str | os.PathLike | None = None
+  ) -> Tokenizer:
     """Trains a byte-level BPE on ``texts`` (deterministic for the same inputs).
 
     Args:
@@ -144,7 +166,9 @@ class Tokenizer:
       raise ValueError("texts must not be empty")
     cache_file = None
     if cache_path is not None:
-      cache_file = Path(cache_path).expanduser() / f"bpe-{vocab_size}-{_cache_key(texts, vocab_size)}.json"
+      cache_file = (
+        Path(cache_path).expanduser() / f"bpe-{vocab_size}-{_cache_key(texts, vocab_size)}.json"
+      )
       if cache_file.exists():
         return cls.from_file(cache_file)
 
@@ -152,15 +176,25 @@ class Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(_SPECIAL_TOKENS), min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+      vocab_size=vocab_size,
+      special_tokens=list(_SPECIAL_TOKENS),
+      min_frequency=2,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    result = cls(tok, bos_id=tok.token_to_id(BOS_TOKEN), eos_id=tok.token_to_id(EOS_TOKEN),
-                 pad_id=tok.token_to_id(PAD_TOKEN))
+    result = cls(
+      tok,
+      bos_id=tok.token_to_id(BOS_TOKEN),
+      eos_id=tok.token_to_id(EOS_TOKEN),
+      pad_id=tok.token_to_id(PAD_TOKEN),
+    )
     if cache_file is not None:
       result.save(cache_file)
     return result
 
   def __repr__(self) -> str:
-    return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
-            f"pad_id={self.pad_id})")
+    return (
+      f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+      f"pad_id={self.pad_id})"
+    )

@@ -6,11 +6,11 @@ Data flows one way: :mod:`.data` -> :mod:`.losses` -> :mod:`.trainer` ->
 """
 
 from dualoptim_jax.unlearn.data import (
-    QAItem,
-    UnlearningData,
-    load_real_world,
-    load_tofu,
-    synthetic_tofu,
+  QAItem,
+  UnlearningData,
+  load_real_world,
+  load_tofu,
+  synthetic_tofu,
 )
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.metrics import evaluate, register_metric
@@ -18,18 +18,18 @@ from dualoptim_jax.unlearn.report import write_report
 from dualoptim_jax.unlearn.trainer import PRESETS, Unlearner, finetune, make_optimizer, unlearn
 
 __all__ = [
-    "PRESETS",
-    "QAItem",
-    "Unlearner",
-    "UnlearningData",
-    "evaluate",
-    "finetune",
-    "load_real_world",
-    "load_tofu",
-    "make_objective",
-    "make_optimizer",
-    "register_metric",
-    "synthetic_tofu",
-    "unlearn",
-    "write_report",
+  "PRESETS",
+  "QAItem",
+  "Unlearner",
+  "UnlearningData",
+  "evaluate",
+  "finetune",
+  "load_real_world",
+  "load_tofu",
+  "make_objective",
+  "make_optimizer",
+  "register_metric",
+  "synthetic_tofu",
+  "unlearn",
+  "write_report",
 ]

@@ -45,18 +45,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dualoptim_jax.unlearn.losses import Objective
-from dualoptim_jax.unlearn.trainer import PRESETS, LossHistory, Unlearner, UnlearnResult, make_optimizer, unlearn
+from dualoptim_jax.unlearn.trainer import (
+  PRESETS,
+  LossHistory,
+  Unlearner,
+  UnlearnResult,
+  make_optimizer,
+  unlearn,
+)
 
 __all__ = [
-    "CheckpointMismatchError",
-    "fingerprint",
-    "fingerprint_mismatches",
-    "named_leaves",
-    "Checkpointer",
-    "save_unlearner",
-    "restore_unlearner",
-    "run_with_checkpoints",
-    "checkpointed_unlearn",
+  "CheckpointMismatchError",
+  "fingerprint",
+  "fingerprint_mismatches",
+  "named_leaves",
+  "Checkpointer",
+  "save_unlearner",
+  "restore_unlearner",
+  "run_with_checkpoints",
+  "checkpointed_unlearn",
 ]
 
 _ITEMS = ("arrays", "state", "fingerprint")
@@ -65,467 +72,586 @@ _GROUP_LABEL = {"params": "param", "opt_state": "optimizer state", "rng": "RNG s
 
 
 class CheckpointMismatchError(ValueError):
-    """The checkpoint was written by a run with another model or optimizer configuration."""
+  """The checkpoint was written by a run with another model or optimizer configuration."""
 
 
 # ------------------------------------------------------------------------------------------------
 # Fingerprints.
 
+
 def _jsonable(value: Any) -> Any:
-    """Plain JSON data of a config value (dataclasses, tuples, numpy scalars, dtypes)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, str)) or value is None:
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else str(float(value))
-    return str(value)
+  """Plain JSON data of a config value (dataclasses, tuples, numpy scalars, dtypes)."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (bool, str)) or value is None:
+    return value
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else str(float(value))
+  return str(value)
 
 
 def fingerprint(
-    *,
-    model: Any = None,
-    preset: str | None = None,
-    optimizer: Mapping[str, Any] | None = None,
-    loss: Mapping[str, Any] | None = None,
-    schedule: Mapping[str, Any] | None = None,
-    **extra: Any,
+  *,
+  model: Any = None,
+  preset: str | None = None,
+  optimizer: Mapping[str, Any] | None = None,
+  loss: Mapping[str, Any] | None = None,
+  schedule: Mapping[str, Any] | None = None,
+  **extra: Any,
 ) -> dict[str, Any]:
-    """The configuration a checkpoint is tied to, as JSON data.
+  """The configuration a checkpoint is tied to, as JSON data.
 
-    Restoring compares it key by key with the restoring run's; anything that changes what the
-    saved arrays mean belongs here. What may legitimately change on resume (the mesh, the number
-    of updates still to run, progress bars) does not.
+  Restoring compares it key by key with the restoring run's; anything that changes what the
+  saved arrays mean belongs here. What may legitimately change on resume (the mesh, the number
+  of updates still to run, progress bars) does not.
 
-    Args:
-      model: the model config (e.g. a :class:`~dualoptim_jax.models.llama.LlamaConfig`).
-      preset: the optimizer preset name (:data:`~dualoptim_jax.unlearn.trainer.PRESETS`).
-      optimizer: its hyperparameters (learning rate, scales, weight decay, state bits, ...).
-      loss: the objective (name, coefficients, beta).
-      schedule: the update schedule (mode, forget and retain steps, ...).
-      **extra: any other section (data, seed, ...).
-    """
-    sections = dict(model=model, preset=preset, optimizer=optimizer, loss=loss, schedule=schedule, **extra)
-    return {k: _jsonable(v) for k, v in sections.items() if v is not None}
+  Args:
+    model: the model config (e.g. a :class:`~dualoptim_jax.models.llama.LlamaConfig`).
+    preset: the optimizer preset name (:data:`~dualoptim_jax.unlearn.trainer.PRESETS`).
+    optimizer: its hyperparameters (learning rate, scales, weight decay, state bits, ...).
+    loss: the objective (name, coefficients, beta).
+    schedule: the update schedule (mode, forget and retain steps, ...).
+    **extra: any other section (data, seed, ...).
+  """
+  sections = dict(
+    model=model, preset=preset, optimizer=optimizer, loss=loss, schedule=schedule, **extra
+  )
+  return {k: _jsonable(v) for k, v in sections.items() if v is not None}
 
 
 def _flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
+  if isinstance(tree, Mapping):
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+      out.update(_flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+  return {prefix: tree}
 
 
 def fingerprint_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """One line per difference between two fingerprints (empty if they agree)."""
-    a, b = _flatten_config(saved), _flatten_config(current)
-    lines = []
-    for key in sorted(set(a) | set(b), key=lambda k: (k.count("."), k)):
-        if key not in b:
-            lines.append(f"checkpoint was written with {key} {a[key]!r}, which this run does not set")
-        elif key not in a:
-            lines.append(f"checkpoint has no {key} but this run uses {b[key]!r}")
-        elif a[key] != b[key]:
-            lines.append(f"checkpoint was written for {key} {a[key]!r} but this run uses {b[key]!r}")
-    return lines
+  """One line per difference between two fingerprints (empty if they agree)."""
+  a, b = _flatten_config(saved), _flatten_config(current)
+  lines = []
+  for key in sorted(set(a) | set(b), key=lambda k: (k.count("."), k)):
+    if key not in b:
+      lines.append(f"checkpoint was written with {key} {a[key]!r}, which this run does not set")
+    elif key not in a:
+      lines.append(f"checkpoint has no {key} but this run uses {b[key]!r}")
+    elif a[key] != b[key]:
+      lines.append(f"checkpoint was written for {key} {a[key]!r} but this run uses {b[key]!r}")
+  return lines
 
 
 # ------------------------------------------------------------------------------------------------
 # Arrays by name.
 
+
 def _key_name(key: Any) -> str | None:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        # The array inside an nnx.Variable is its ``value``: leave it out of the name.
-        return None if key.name == "value" else key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    # The array inside an nnx.Variable is its ``value``: leave it out of the name.
+    return None if key.name == "value" else key.name
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
 
 
 def named_leaves(tree: Any) -> dict[str, Any]:
-    """``{"layers.0.mlp.up_proj.kernel": leaf, ...}``: a pytree's leaves by readable, unique name.
+  """``{"layers.0.mlp.up_proj.kernel": leaf, ...}``: a pytree's leaves by readable, unique name.
 
-    Names join the path's keys with dots (dict keys, sequence indices, NamedTuple fields) and
-    leave out the ``value`` of an ``nnx.Variable``; a lone leaf is named ``""``.
-    """
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    out: dict[str, Any] = {}
-    for path, leaf in flat:
-        name = ".".join(n for n in map(_key_name, path) if n is not None)
-        if name in out:
-            raise ValueError(f"two leaves of the tree are both named {name!r}; cannot checkpoint it by name")
-        out[name] = leaf
-    return out
+  Names join the path's keys with dots (dict keys, sequence indices, NamedTuple fields) and
+  leave out the ``value`` of an ``nnx.Variable``; a lone leaf is named ``""``.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out: dict[str, Any] = {}
+  for path, leaf in flat:
+    name = ".".join(n for n in map(_key_name, path) if n is not None)
+    if name in out:
+      raise ValueError(
+        f"two leaves of the tree are both named {name!r}; cannot checkpoint it by name"
+      )
+    out[name] = leaf
+  return out
 
 
 def _abstract(tree: Any) -> Any:
-    """Shapes, dtypes and shardings of a tree of arrays (what to restore onto)."""
-    def one(x):
-        x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
-    return jax.tree.map(one, tree)
+  """Shapes, dtypes and shardings of a tree of arrays (what to restore onto)."""
+
+  def one(x):
+    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+  return jax.tree.map(one, tree)
 
 
 def _group_mismatches(label: str, saved: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
-    lines = []
-    for names, where in (([k for k in target if k not in saved], "in this run but not in the checkpoint"),
-                         ([k for k in saved if k not in target], "in the checkpoint but not in this run")):
-        if len(names) <= 3:
-            lines += [f"{label} {k!r} is {where}" for k in names]
-        else:
-            shown = ", ".join(repr(k) for k in names[:3])
-            lines.append(f"{len(names)} {label} arrays are {where}, e.g. {shown}")
-    for k in (k for k in target if k in saved):
-        s_shape, m_shape = tuple(saved[k].shape), tuple(target[k].shape)
-        if s_shape != m_shape:
-            lines.append(f"{label} {k!r} has shape {s_shape} in the checkpoint but {m_shape} in this run")
-        elif np.dtype(saved[k].dtype) != np.dtype(target[k].dtype):
-            lines.append(f"{label} {k!r} has dtype {np.dtype(saved[k].dtype)} in the checkpoint but "
-                         f"{np.dtype(target[k].dtype)} in this run")
-    return lines
+  lines = []
+  for names, where in (
+    ([k for k in target if k not in saved], "in this run but not in the checkpoint"),
+    ([k for k in saved if k not in target], "in the checkpoint but not in this run"),
+  ):
+    if len(names) <= 3:
+      lines += [f"{label} {k!r} is {where}" for k in names]
+    else:
+      shown = ", ".join(repr(k) for k in names[:3])
+      lines.append(f"{len(names)} {label} arrays are {where}, e.g. {shown}")
+  for k in (k for k in target if k in saved):
+    s_shape, m_shape = tuple(saved[k].shape), tuple(target[k].shape)
+    if s_shape != m_shape:
+      lines.append(f"{label} {k!r} has shape {s_shape} in the checkpoint but {m_shape} in this run")
+    elif np.dtype(saved[k].dtype) != np.dtype(target[k].dtype):
+      lines.append(
+        f"{label} {k!r} has dtype {np.dtype(saved[k].dtype)} in the checkpoint but "
+        f"{np.dtype(target[k].dtype)} in this run"
+      )
+  return lines
 
 
-def _shape_mismatches(saved: Mapping[str, Mapping[str, Any]], target: Mapping[str, Mapping[str, Any]],
-                      limit: int = 8) -> list[str]:
-    """Differences in array names, shapes and dtypes, parameters first, at most ``limit`` per group.
+def _shape_mismatches(
+  saved: Mapping[str, Mapping[str, Any]], target: Mapping[str, Mapping[str, Any]], limit: int = 8
+) -> list[str]:
+  """Differences in array names, shapes and dtypes, parameters first, at most ``limit`` per group.
 
-    When parameters differ, the optimizer state's differences (the same ones, once per moment)
-    are only counted.
-    """
-    order = sorted(set(saved) | set(target), key=lambda g: (list(_GROUP_LABEL).index(g) if g in _GROUP_LABEL
-                                                            else len(_GROUP_LABEL), g))
-    lines: list[str] = []
-    for group in order:
-        label = _GROUP_LABEL.get(group, group)
-        if group not in target:
-            lines.append(f"the checkpoint holds {label} arrays, which this run does not have")
-            continue
-        if group not in saved:
-            lines.append(f"the checkpoint holds no {label} arrays, which this run needs")
-            continue
-        found = _group_mismatches(label, saved[group], target[group])
-        if found and lines and group == "opt_state":
-            lines.append(f"(and {len(found)} optimizer state arrays that follow from the parameters)")
-            continue
-        lines += found[:limit]
-        if len(found) > limit:
-            lines.append(f"... and {len(found) - limit} more {label} differences")
-    return lines
+  When parameters differ, the optimizer state's differences (the same ones, once per moment)
+  are only counted.
+  """
+  order = sorted(
+    set(saved) | set(target),
+    key=lambda g: (list(_GROUP_LABEL).index(g) if g in _GROUP_LABEL else len(_GROUP_LABEL), g),
+  )
+  lines: list[str] = []
+  for group in order:
+    label = _GROUP_LABEL.get(group, group)
+    if group not in target:
+      lines.append(f"the checkpoint holds {label} arrays, which this run does not have")
+      continue
+    if group not in saved:
+      lines.append(f"the checkpoint holds no {label} arrays, which this run needs")
+      continue
+    found = _group_mismatches(label, saved[group], target[group])
+    if found and lines and group == "opt_state":
+      lines.append(f"(and {len(found)} optimizer state arrays that follow from the parameters)")
+      continue
+    lines += found[:limit]
+    if len(found) > limit:
+      lines.append(f"... and {len(found) - limit} more {label} differences")
+  return lines
 
 
 # ------------------------------------------------------------------------------------------------
 # The checkpointer.
 
+
 class Checkpointer:
-    """An orbax ``CheckpointManager`` for one run: arrays, JSON state and a fingerprint.
+  """An orbax ``CheckpointManager`` for one run: arrays, JSON state and a fingerprint.
+
+  Args:
+    directory: where the step directories go (created if missing).
+    fingerprint: the run's configuration (:func:`fingerprint`); saved with every checkpoint and
+      compared on restore.
+    every: save after every ``every`` updates (:meth:`should_save`); None: only when forced
+      (the end of a run).
+    keep: how many of the latest checkpoints to keep (None: all).
+    async_save: write in a background thread (orbax's default); saves are atomic either way.
+
+  Example::
+
+      with Checkpointer(path, fingerprint=fingerprint(preset="dualoptim_plus"), every=50) as ckpt:
+          ckpt.save(50, {"params": params, "opt_state": opt_state}, {"update": 50})
+          arrays, state, step = ckpt.restore({"params": params, "opt_state": opt_state})
+  """
+
+  def __init__(
+    self,
+    directory: str | Path,
+    *,
+    fingerprint: Mapping[str, Any],
+    every: int | None = None,
+    keep: int | None = 3,
+    async_save: bool = True,
+  ):
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+      raise ValueError(f"every must be an int >= 1 or None, got {every!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+      raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
+    self.directory = Path(directory).expanduser().resolve()
+    self.fingerprint = _jsonable(dict(fingerprint))
+    self.every = every
+    self.keep = keep
+    options = ocp.CheckpointManagerOptions(
+      # Every save is forced: when to save is decided by should_save (and the end of a run).
+      save_decision_policy=ocp.checkpoint_managers.SpecificStepsPolicy(steps=()),
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # leftovers of a run killed while writing
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_names=_ITEMS,
+      item_handlers={
+        "arrays": ocp.StandardCheckpointHandler(),
+        "state": ocp.JsonCheckpointHandler(),
+        "fingerprint": ocp.JsonCheckpointHandler(),
+      },
+    )
+
+  # -- steps
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def should_save(self, step: int) -> bool:
+    """True every ``every`` updates."""
+    return self.every is not None and step > 0 and step % self.every == 0
+
+  # -- save
+  def save(
+    self,
+    step: int,
+    arrays: Mapping[str, Any],
+    state: Mapping[str, Any] | None = None,
+    *,
+    force: bool = False,
+  ) -> bool:
+    """Saves ``arrays`` (groups of pytrees, e.g. ``{"params", "opt_state"}``) and JSON ``state``.
+
+    Saves if ``force`` or :meth:`should_save`; a step already on disk is not written again.
+    The arrays are copied before the call returns, so the caller may donate them. Returns
+    whether a checkpoint was started.
+    """
+    if not (force or self.should_save(step)) or step in self._manager.all_steps():
+      return False
+    # Copies: orbax reads the arrays in the background while the next step donates the live ones.
+    named = {
+      group: {k: jnp.copy(v) for k, v in named_leaves(tree).items()}
+      for group, tree in arrays.items()
+    }
+    self._manager.save(
+      step,
+      force=True,
+      args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(named),
+        state=ocp.args.JsonSave(_jsonable(dict(state or {}))),
+        fingerprint=ocp.args.JsonSave(self.fingerprint),
+      ),
+    )
+    return True
+
+  # -- restore
+  def check(self, like: Mapping[str, Any], step: int | None = None) -> int:
+    """Raises :class:`CheckpointMismatchError` unless checkpoint ``step`` (default: latest) fits.
+
+    ``like`` has the restoring run's array groups (arrays or ``ShapeDtypeStruct``). Returns the
+    step checked.
+    """
+    step = self._step(step)
+    saved_fp = self._manager.restore(
+      step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
+    )
+    lines = fingerprint_mismatches(saved_fp["fingerprint"], self.fingerprint)
+    if not lines:
+      metadata = self._manager.item_metadata(step)["arrays"]
+      saved = {g: dict(tree) for g, tree in metadata.items()}
+      target = {g: named_leaves(_abstract(tree)) for g, tree in like.items()}
+      lines = _shape_mismatches(saved, target)
+    if lines:
+      raise CheckpointMismatchError(
+        f"cannot restore {self.directory / str(step)} into this run:\n  " + "\n  ".join(lines)
+      )
+    return step
+
+  def restore(
+    self, like: Mapping[str, Any], step: int | None = None
+  ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Reads checkpoint ``step`` (default: the latest) onto ``like``'s structure and shardings.
 
     Args:
-      directory: where the step directories go (created if missing).
-      fingerprint: the run's configuration (:func:`fingerprint`); saved with every checkpoint and
-        compared on restore.
-      every: save after every ``every`` updates (:meth:`should_save`); None: only when forced
-        (the end of a run).
-      keep: how many of the latest checkpoints to keep (None: all).
-      async_save: write in a background thread (orbax's default); saves are atomic either way.
+      like: the restoring run's array groups, e.g. ``{"params": params, "opt_state": state}``:
+        arrays (their shardings are used, so the arrays land on the current mesh) or
+        ``jax.ShapeDtypeStruct`` with ``sharding``.
+      step: which checkpoint; None for the latest.
 
-    Example::
+    Returns:
+      ``(arrays, state, step)``: the array groups with ``like``'s pytree structures, the JSON
+      state and the step restored.
 
-        with Checkpointer(path, fingerprint=fingerprint(preset="dualoptim_plus"), every=50) as ckpt:
-            ckpt.save(50, {"params": params, "opt_state": opt_state}, {"update": 50})
-            arrays, state, step = ckpt.restore({"params": params, "opt_state": opt_state})
+    Raises:
+      FileNotFoundError: no checkpoint in the directory.
+      CheckpointMismatchError: see :meth:`check`.
     """
+    step = self.check(like, step)
+    targets, treedefs = {}, {}
+    for group, tree in like.items():
+      abstract = _abstract(tree)
+      targets[group] = named_leaves(abstract)
+      treedefs[group] = jax.tree.structure(abstract)
+    out = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(targets), state=ocp.args.JsonRestore()
+      ),
+    )
+    arrays = {g: treedefs[g].unflatten([out["arrays"][g][k] for k in targets[g]]) for g in targets}
+    return arrays, dict(out["state"]), step
 
-    def __init__(self, directory: str | Path, *, fingerprint: Mapping[str, Any], every: int | None = None,
-                 keep: int | None = 3, async_save: bool = True):
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be an int >= 1 or None, got {every!r}")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
-        self.directory = Path(directory).expanduser().resolve()
-        self.fingerprint = _jsonable(dict(fingerprint))
-        self.every = every
-        self.keep = keep
-        options = ocp.CheckpointManagerOptions(
-            # Every save is forced: when to save is decided by should_save (and the end of a run).
-            save_decision_policy=ocp.checkpoint_managers.SpecificStepsPolicy(steps=()),
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # leftovers of a run killed while writing
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_names=_ITEMS,
-            item_handlers={"arrays": ocp.StandardCheckpointHandler(),
-                           "state": ocp.JsonCheckpointHandler(),
-                           "fingerprint": ocp.JsonCheckpointHandler()},
-        )
+  def _step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (steps: {steps})")
+    return step
 
-    # -- steps
-    def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+  # -- lifetime
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
 
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+  def close(self) -> None:
+    self._manager.close()
 
-    def should_save(self, step: int) -> bool:
-        """True every ``every`` updates."""
-        return self.every is not None and step > 0 and step % self.every == 0
+  def __enter__(self) -> Checkpointer:
+    return self
 
-    # -- save
-    def save(self, step: int, arrays: Mapping[str, Any], state: Mapping[str, Any] | None = None, *,
-             force: bool = False) -> bool:
-        """Saves ``arrays`` (groups of pytrees, e.g. ``{"params", "opt_state"}``) and JSON ``state``.
-
-        Saves if ``force`` or :meth:`should_save`; a step already on disk is not written again.
-        The arrays are copied before the call returns, so the caller may donate them. Returns
-        whether a checkpoint was started.
-        """
-        if not (force or self.should_save(step)) or step in self._manager.all_steps():
-            return False
-        # Copies: orbax reads the arrays in the background while the next step donates the live ones.
-        named = {group: {k: jnp.copy(v) for k, v in named_leaves(tree).items()} for group, tree in arrays.items()}
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(named),
-            state=ocp.args.JsonSave(_jsonable(dict(state or {}))),
-            fingerprint=ocp.args.JsonSave(self.fingerprint),
-        ))
-        return True
-
-    # -- restore
-    def check(self, like: Mapping[str, Any], step: int | None = None) -> int:
-        """Raises :class:`CheckpointMismatchError` unless checkpoint ``step`` (default: latest) fits.
-
-        ``like`` has the restoring run's array groups (arrays or ``ShapeDtypeStruct``). Returns the
-        step checked.
-        """
-        step = self._step(step)
-        saved_fp = self._manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))
-        lines = fingerprint_mismatches(saved_fp["fingerprint"], self.fingerprint)
-        if not lines:
-            metadata = self._manager.item_metadata(step)["arrays"]
-            saved = {g: dict(tree) for g, tree in metadata.items()}
-            target = {g: named_leaves(_abstract(tree)) for g, tree in like.items()}
-            lines = _shape_mismatches(saved, target)
-        if lines:
-            raise CheckpointMismatchError(
-                f"cannot restore {self.directory / str(step)} into this run:\n  " + "\n  ".join(lines))
-        return step
-
-    def restore(self, like: Mapping[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int]:
-        """Reads checkpoint ``step`` (default: the latest) onto ``like``'s structure and shardings.
-
-        Args:
-          like: the restoring run's array groups, e.g. ``{"params": params, "opt_state": state}``:
-            arrays (their shardings are used, so the arrays land on the current mesh) or
-            ``jax.ShapeDtypeStruct`` with ``sharding``.
-          step: which checkpoint; None for the latest.
-
-        Returns:
-          ``(arrays, state, step)``: the array groups with ``like``'s pytree structures, the JSON
-          state and the step restored.
-
-        Raises:
-          FileNotFoundError: no checkpoint in the directory.
-          CheckpointMismatchError: see :meth:`check`.
-        """
-        step = self.check(like, step)
-        targets, treedefs = {}, {}
-        for group, tree in like.items():
-            abstract = _abstract(tree)
-            targets[group] = named_leaves(abstract)
-            treedefs[group] = jax.tree.structure(abstract)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(targets), state=ocp.args.JsonRestore()))
-        arrays = {g: treedefs[g].unflatten([out["arrays"][g][k] for k in targets[g]]) for g in targets}
-        return arrays, dict(out["state"]), step
-
-    def _step(self, step: int | None) -> int:
-        steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
-            return steps[-1]
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (steps: {steps})")
-        return step
-
-    # -- lifetime
-    def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.close()
-
-    def __enter__(self) -> "Checkpointer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 # ------------------------------------------------------------------------------------------------
 # Unlearning runs.
 
+
 def _history_rows(history: LossHistory) -> list[list[Any]]:
-    nan_to_none = lambda v: None if math.isnan(v) else float(v)
-    return [[int(u), int(k), nan_to_none(f), nan_to_none(r)]
-            for u, k, f, r in zip(history.update, history.objective, history.forget, history.retain)]
+  nan_to_none = lambda v: None if math.isnan(v) else float(v)
+  return [
+    [int(u), int(k), nan_to_none(f), nan_to_none(r)]
+    for u, k, f, r in zip(history.update, history.objective, history.forget, history.retain)
+  ]
 
 
 def _history(rows: Sequence[Sequence[Any]]) -> LossHistory:
-    cols = list(zip(*rows)) if rows else [(), (), (), ()]
-    none_to_nan = lambda vs: np.asarray([math.nan if v is None else v for v in vs], np.float64)
-    return LossHistory(np.asarray(cols[0], np.int64), np.asarray(cols[1], np.int64),
-                       none_to_nan(cols[2]), none_to_nan(cols[3]))
+  cols = list(zip(*rows)) if rows else [(), (), (), ()]
+  none_to_nan = lambda vs: np.asarray([math.nan if v is None else v for v in vs], np.float64)
+  return LossHistory(
+    np.asarray(cols[0], np.int64),
+    np.asarray(cols[1], np.int64),
+    none_to_nan(cols[2]),
+    none_to_nan(cols[3]),
+  )
 
 
 def _arrays(unlearner: Unlearner) -> dict[str, Any]:
-    return {"params": unlearner.params, "opt_state": unlearner.opt_state}
+  return {"params": unlearner.params, "opt_state": unlearner.opt_state}
 
 
-def save_unlearner(ckpt: Checkpointer, unlearner: Unlearner, forget_batches: Any, retain_batches: Any,
-                   history: Iterable[Sequence[Any]] = (), *, force: bool = False) -> bool:
-    """Checkpoints an :class:`~dualoptim_jax.unlearn.trainer.Unlearner` at its update count.
+def save_unlearner(
+  ckpt: Checkpointer,
+  unlearner: Unlearner,
+  forget_batches: Any,
+  retain_batches: Any,
+  history: Iterable[Sequence[Any]] = (),
+  *,
+  force: bool = False,
+) -> bool:
+  """Checkpoints an :class:`~dualoptim_jax.unlearn.trainer.Unlearner` at its update count.
 
-    Saves params, optimizer state, both iterators' positions and the loss-history rows
-    (``[update, objective, forget, retain]``). Returns whether a checkpoint was started.
-    """
-    step = unlearner.update_count
-    if not (force or ckpt.should_save(step)):
-        return False
-    state = {"update": step, "forget_batches": forget_batches.state_dict(),
-             "retain_batches": retain_batches.state_dict(), "history": [list(r) for r in history]}
-    return ckpt.save(step, _arrays(unlearner), state, force=force)
+  Saves params, optimizer state, both iterators' positions and the loss-history rows
+  (``[update, objective, forget, retain]``). Returns whether a checkpoint was started.
+  """
+  step = unlearner.update_count
+  if not (force or ckpt.should_save(step)):
+    return False
+  state = {
+    "update": step,
+    "forget_batches": forget_batches.state_dict(),
+    "retain_batches": retain_batches.state_dict(),
+    "history": [list(r) for r in history],
+  }
+  return ckpt.save(step, _arrays(unlearner), state, force=force)
 
 
-def restore_unlearner(ckpt: Checkpointer, unlearner: Unlearner, forget_batches: Any, retain_batches: Any,
-                      step: int | None = None) -> list[list[Any]]:
-    """Loads a checkpoint into ``unlearner`` and the iterators (onto the unlearner's mesh).
+def restore_unlearner(
+  ckpt: Checkpointer,
+  unlearner: Unlearner,
+  forget_batches: Any,
+  retain_batches: Any,
+  step: int | None = None,
+) -> list[list[Any]]:
+  """Loads a checkpoint into ``unlearner`` and the iterators (onto the unlearner's mesh).
 
-    Returns the loss-history rows saved with it.
-    """
-    arrays, state, _ = ckpt.restore(_arrays(unlearner), step)
-    unlearner.load_state_dict({**arrays, "update": state["update"]})
-    forget_batches.load_state_dict(state["forget_batches"])
-    retain_batches.load_state_dict(state["retain_batches"])
-    return [list(r) for r in state.get("history", [])]
+  Returns the loss-history rows saved with it.
+  """
+  arrays, state, _ = ckpt.restore(_arrays(unlearner), step)
+  unlearner.load_state_dict({**arrays, "update": state["update"]})
+  forget_batches.load_state_dict(state["forget_batches"])
+  retain_batches.load_state_dict(state["retain_batches"])
+  return [list(r) for r in state.get("history", [])]
 
 
 def run_with_checkpoints(
-    unlearner: Unlearner,
-    forget_batches: Any,
-    retain_batches: Any,
-    num_updates: int,
-    ckpt: Checkpointer,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    desc: str = "unlearn",
-    log=print,
+  unlearner: Unlearner,
+  forget_batches: Any,
+  retain_batches: Any,
+  num_updates: int,
+  ckpt: Checkpointer,
+  *,
+  resume: bool = False,
+  progress: bool = True,
+  desc: str = "unlearn",
+  log=print,
 ) -> LossHistory:
-    """:meth:`Unlearner.run` to ``num_updates`` updates in all, checkpointing as it goes.
+  """:meth:`Unlearner.run` to ``num_updates`` updates in all, checkpointing as it goes.
 
-    Saves every ``ckpt.every`` updates and after the last one. With ``resume``, starts from the
-    latest checkpoint in ``ckpt.directory`` (if any): the result, parameters and loss history,
-    is then that of the uninterrupted run. Without ``resume`` the directory must hold no
-    checkpoint, so an earlier run is never overwritten by accident.
+  Saves every ``ckpt.every`` updates and after the last one. With ``resume``, starts from the
+  latest checkpoint in ``ckpt.directory`` (if any): the result, parameters and loss history,
+  is then that of the uninterrupted run. Without ``resume`` the directory must hold no
+  checkpoint, so an earlier run is never overwritten by accident.
 
-    Returns:
-      The loss history of all ``num_updates`` updates (restored rows included).
-    """
-    rows: list[list[Any]] = []
-    latest = ckpt.latest_step()
-    if latest is not None:
-        if not resume:
-            raise FileExistsError(
-                f"{ckpt.directory} already holds checkpoints (latest: update {latest}); resume from it "
-                "(--resume) or choose another checkpoint directory")
-        if latest > num_updates:
-            raise ValueError(f"the latest checkpoint in {ckpt.directory} is at update {latest}, past the "
-                             f"{num_updates} updates of this run")
-        rows = restore_unlearner(ckpt, unlearner, forget_batches, retain_batches, latest)
-        log(f"[{desc}] resumed from {ckpt.directory} at update {latest} of {num_updates}")
+  Returns:
+    The loss history of all ``num_updates`` updates (restored rows included).
+  """
+  rows: list[list[Any]] = []
+  latest = ckpt.latest_step()
+  if latest is not None:
+    if not resume:
+      raise FileExistsError(
+        f"{ckpt.directory} already holds checkpoints (latest: update {latest}); resume from it "
+        "(--resume) or choose another checkpoint directory"
+      )
+    if latest > num_updates:
+      raise ValueError(
+        f"the latest checkpoint in {ckpt.directory} is at update {latest}, past the "
+        f"{num_updates} updates of this run"
+      )
+    rows = restore_unlearner(ckpt, unlearner, forget_batches, retain_batches, latest)
+    log(f"[{desc}] resumed from {ckpt.directory} at update {latest} of {num_updates}")
 
-    def on_update(update: int, losses: Mapping[str, float]) -> None:
-        k = unlearner.objective_at(update)
-        rows.append([update, -1 if k is None else int(k), losses.get("forget"), losses.get("retain")])
-        save_unlearner(ckpt, unlearner, forget_batches, retain_batches, rows)
+  def on_update(update: int, losses: Mapping[str, float]) -> None:
+    k = unlearner.objective_at(update)
+    rows.append([update, -1 if k is None else int(k), losses.get("forget"), losses.get("retain")])
+    save_unlearner(ckpt, unlearner, forget_batches, retain_batches, rows)
 
-    unlearner.run(forget_batches, retain_batches, num_updates - unlearner.update_count, progress=progress,
-                  desc=desc, on_update=on_update)
-    save_unlearner(ckpt, unlearner, forget_batches, retain_batches, rows, force=True)
-    ckpt.wait()
-    return _history(rows)
+  unlearner.run(
+    forget_batches,
+    retain_batches,
+    num_updates - unlearner.update_count,
+    progress=progress,
+    desc=desc,
+    on_update=on_update,
+  )
+  save_unlearner(ckpt, unlearner, forget_batches, retain_batches, rows, force=True)
+  ckpt.wait()
+  return _history(rows)
 
 
 def checkpointed_unlearn(
-    model: Any,
-    objective: Objective,
-    forget_batches: Any,
-    retain_batches: Any,
-    *,
-    preset: str = "dualoptim_plus",
-    learning_rate: float = 1e-5,
-    num_updates: int,
-    forget_lr_scale: float = 1.0,
-    retain_lr_scale: float = 1.0,
-    weight_decay: float = 0.01,
-    forget_steps: int = 1,
-    retain_steps: int = 5,
-    ref_model: Any = None,
-    progress: bool = True,
-    mesh: Any = None,
-    checkpoint_dir: str | Path | None = None,
-    every: int | None = None,
-    keep: int | None = 3,
-    resume: bool = False,
-    fingerprint_extra: Mapping[str, Any] | None = None,
-    log=print,
+  model: Any,
+  objective: Objective,
+  forget_batches: Any,
+  retain_batches: Any,
+  *,
+  preset: str = "dualoptim_plus",
+  learning_rate: float = 1e-5,
+  num_updates: int,
+  forget_lr_scale: float = 1.0,
+  retain_lr_scale: float = 1.0,
+  weight_decay: float = 0.01,
+  forget_steps: int = 1,
+  retain_steps: int = 5,
+  ref_model: Any = None,
+  progress: bool = True,
+  mesh: Any = None,
+  checkpoint_dir: str | Path | None = None,
+  every: int | None = None,
+  keep: int | None = 3,
+  resume: bool = False,
+  fingerprint_extra: Mapping[str, Any] | None = None,
+  log=print,
 ) -> UnlearnResult:
-    """:func:`~dualoptim_jax.unlearn.trainer.unlearn` with orbax checkpoints in ``checkpoint_dir``.
+  """:func:`~dualoptim_jax.unlearn.trainer.unlearn` with orbax checkpoints in ``checkpoint_dir``.
 
-    Without ``checkpoint_dir`` this is ``unlearn(..., mesh=mesh)``. With it, the run saves every
-    ``every`` updates and at the end, keeping the last ``keep``; ``resume`` continues from the
-    latest checkpoint there. The fingerprint records the model config, the preset and its
-    hyperparameters, the objective and the schedule, plus ``fingerprint_extra`` (e.g. the seed and
-    what the starting model was built from).
-    """
-    if checkpoint_dir is None:
-        return unlearn(model, objective, forget_batches, retain_batches, preset=preset, learning_rate=learning_rate,
-                       num_updates=num_updates, forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale,
-                       weight_decay=weight_decay, forget_steps=forget_steps, retain_steps=retain_steps,
-                       ref_model=ref_model, progress=progress, mesh=mesh)
-    tx = make_optimizer(preset, learning_rate, forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale,
-                        weight_decay=weight_decay)
-    spec = PRESETS[preset]
-    runner = Unlearner(model, objective, tx, mode=spec.mode, forget_steps=forget_steps, retain_steps=retain_steps,
-                       ref_model=ref_model, mesh=mesh)
-    fp = fingerprint(
-        model=getattr(model, "config", type(model).__name__),
-        preset=preset,
-        optimizer={"name": spec.optimizer, "state_bits": spec.state_bits, "learning_rate": learning_rate,
-                   "forget_lr_scale": forget_lr_scale, "retain_lr_scale": retain_lr_scale,
-                   "weight_decay": weight_decay},
-        loss=objective,
-        schedule={"mode": spec.mode, "forget_steps": forget_steps, "retain_steps": retain_steps},
-        **dict(fingerprint_extra or {}),
+  Without ``checkpoint_dir`` this is ``unlearn(..., mesh=mesh)``. With it, the run saves every
+  ``every`` updates and at the end, keeping the last ``keep``; ``resume`` continues from the
+  latest checkpoint there. The fingerprint records the model config, the preset and its
+  hyperparameters, the objective and the schedule, plus ``fingerprint_extra`` (e.g. the seed and
+  what the starting model was built from).
+  """
+  if checkpoint_dir is None:
+    return unlearn(
+      model,
+      objective,
+      forget_batches,
+      retain_batches,
+      preset=preset,
+      learning_rate=learning_rate,
+      num_updates=num_updates,
+      forget_lr_scale=forget_lr_scale,
+      retain_lr_scale=retain_lr_scale,
+      weight_decay=weight_decay,
+      forget_steps=forget_steps,
+      retain_steps=retain_steps,
+      ref_model=ref_model,
+      progress=progress,
+      mesh=mesh,
     )
-    with Checkpointer(checkpoint_dir, fingerprint=fp, every=every, keep=keep) as ckpt:
-        history = run_with_checkpoints(runner, forget_batches, retain_batches, num_updates, ckpt, resume=resume,
-                                       progress=progress, desc=preset, log=log)
-    return UnlearnResult(runner.model, history)
+  tx = make_optimizer(
+    preset,
+    learning_rate,
+    forget_lr_scale=forget_lr_scale,
+    retain_lr_scale=retain_lr_scale,
+    weight_decay=weight_decay,
+  )
+  spec = PRESETS[preset]
+  runner = Unlearner(
+    model,
+    objective,
+    tx,
+    mode=spec.mode,
+    forget_steps=forget_steps,
+    retain_steps=retain_steps,
+    ref_model=ref_model,
+    mesh=mesh,
+  )
+  fp = fingerprint(
+    model=getattr(model, "config", type(model).__name__),
+    preset=preset,
+    optimizer={
+      "name": spec.optimizer,
+      "state_bits": spec.state_bits,
+      "learning_rate": learning_rate,
+      "forget_lr_scale": forget_lr_scale,
+      "retain_lr_scale": retain_lr_scale,
+      "weight_decay": weight_decay,
+    },
+    loss=objective,
+    schedule={"mode": spec.mode, "forget_steps": forget_steps, "retain_steps": retain_steps},
+    **dict(fingerprint_extra or {}),
+  )
+  with Checkpointer(checkpoint_dir, fingerprint=fp, every=every, keep=keep) as ckpt:
+    history = run_with_checkpoints(
+      runner,
+      forget_batches,
+      retain_batches,
+      num_updates,
+      ckpt,
+      resume=resume,
+      progress=progress,
+      desc=preset,
+      log=log,
+    )
+  return UnlearnResult(runner.model, history)

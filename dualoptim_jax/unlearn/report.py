@@ -19,296 +19,315 @@ import numpy as np
 
 # (result key, column header) of the Table-1-style summary.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("forget_prob", "Forget Prob. ↓"),
-    ("forget_rouge", "Forget ROUGE ↓"),
-    ("forget_truth_ratio", "Forget TR"),
-    ("forget_efficacy", "UFE ↑"),
-    ("model_utility", "MU ↑"),
-    ("forget_quality", "FQ ↑"),
-    ("overall", "OVR ↑"),
+  ("forget_prob", "Forget Prob. ↓"),
+  ("forget_rouge", "Forget ROUGE ↓"),
+  ("forget_truth_ratio", "Forget TR"),
+  ("forget_efficacy", "UFE ↑"),
+  ("model_utility", "MU ↑"),
+  ("forget_quality", "FQ ↑"),
+  ("overall", "OVR ↑"),
 )
 # Per-item outputs are large and belong to one evaluation, not to the comparison.
 _DROPPED_KEYS: frozenset[str] = frozenset({"per_item"})
 
 
 class Stat(NamedTuple):
-    """Mean and sample standard deviation of one metric over seeds."""
+  """Mean and sample standard deviation of one metric over seeds."""
 
-    mean: float | None  # None when no seed has the value
-    std: float | None  # None for fewer than two values
-    n: int  # number of seeds with a value
+  mean: float | None  # None when no seed has the value
+  std: float | None  # None for fewer than two values
+  n: int  # number of seeds with a value
 
 
 class ReportFiles(NamedTuple):
-    """Paths of the written files."""
+  """Paths of the written files."""
 
-    json: Path
-    markdown: Path
-    plot: Path
+  json: Path
+  markdown: Path
+  plot: Path
 
 
 def seed_stats(runs: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
-    """Mean ± sample std (``ddof=1``) over seeds of every numeric top-level value.
+  """Mean ± sample std (``ddof=1``) over seeds of every numeric top-level value.
 
-    Values that are ``None`` or non-finite in a seed (forget quality without a retain-only model)
-    are left out of that value's statistics rather than poisoning them.
-    """
-    keys = [k for run in runs for k, v in run.items() if _is_number(v)]
-    out: dict[str, Stat] = {}
-    for key in dict.fromkeys(keys):
-        vals = np.array([float(run[key]) for run in runs if _is_number(run.get(key))], np.float64)
-        vals = vals[np.isfinite(vals)]
-        mean = float(vals.mean()) if vals.size else None
-        std = float(vals.std(ddof=1)) if vals.size > 1 else None
-        out[key] = Stat(mean, std, int(vals.size))
-    return out
+  Values that are ``None`` or non-finite in a seed (forget quality without a retain-only model)
+  are left out of that value's statistics rather than poisoning them.
+  """
+  keys = [k for run in runs for k, v in run.items() if _is_number(v)]
+  out: dict[str, Stat] = {}
+  for key in dict.fromkeys(keys):
+    vals = np.array([float(run[key]) for run in runs if _is_number(run.get(key))], np.float64)
+    vals = vals[np.isfinite(vals)]
+    mean = float(vals.mean()) if vals.size else None
+    std = float(vals.std(ddof=1)) if vals.size > 1 else None
+    out[key] = Stat(mean, std, int(vals.size))
+  return out
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 def format_value(x: float | None) -> str:
-    """Four decimals; scientific notation for small non-zero values (forget quality); "–" for none."""
-    if x is None or not math.isfinite(x):
-        return "–"
-    if x != 0 and abs(x) < 1e-3:
-        return f"{x:.2e}"
-    return f"{x:.4f}"
+  """Four decimals; scientific notation for small non-zero values (forget quality); "–" for none."""
+  if x is None or not math.isfinite(x):
+    return "–"
+  if x != 0 and abs(x) < 1e-3:
+    return f"{x:.2e}"
+  return f"{x:.4f}"
 
 
 def format_stat(stat: Stat | None) -> str:
-    """``mean ± std`` (just ``mean`` for a single seed); the std takes the mean's notation."""
-    if stat is None or stat.mean is None:
-        return "–"
-    mean = format_value(stat.mean)
-    if stat.std is None:
-        return mean
-    # A round-off std (1e-17) must not switch to scientific notation beside a plain mean.
-    std = f"{stat.std:.2e}" if "e" in mean else f"{stat.std:.4f}"
-    return f"{mean} ± {std}"
+  """``mean ± std`` (just ``mean`` for a single seed); the std takes the mean's notation."""
+  if stat is None or stat.mean is None:
+    return "–"
+  mean = format_value(stat.mean)
+  if stat.std is None:
+    return mean
+  # A round-off std (1e-17) must not switch to scientific notation beside a plain mean.
+  std = f"{stat.std:.2e}" if "e" in mean else f"{stat.std:.4f}"
+  return f"{mean} ± {std}"
 
 
 def markdown_table(
-    results: Mapping[str, Sequence[Mapping[str, Any]]],
-    columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
+  results: Mapping[str, Sequence[Mapping[str, Any]]],
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
 ) -> str:
-    """A markdown table: one row per ``results`` entry, one column per ``columns`` entry."""
-    header = ["Method", "Seeds"] + [title for _, title in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
-    for row, runs in results.items():
-        stats = seed_stats(runs)
-        cells = [str(row), str(len(runs))] + [format_stat(stats.get(key)) for key, _ in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+  """A markdown table: one row per ``results`` entry, one column per ``columns`` entry."""
+  header = ["Method", "Seeds"] + [title for _, title in columns]
+  lines = [
+    "| " + " | ".join(header) + " |",
+    "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|",
+  ]
+  for row, runs in results.items():
+    stats = seed_stats(runs)
+    cells = [str(row), str(len(runs))] + [format_stat(stats.get(key)) for key, _ in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def _components(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any] | None:
-    for runs in results.values():
-        for run in runs:
-            if "components" in run:
-                return run["components"]
-    return None
+  for runs in results.values():
+    for run in runs:
+      if "components" in run:
+        return run["components"]
+  return None
 
 
 def _components_note(components: Mapping[str, Any] | None) -> str:
-    if not components:
-        return ""
-    lines = [
-        "Components:",
-        f"- MU = harmonic mean of {', '.join(components.get('model_utility', []))}",
-        f"- UFE = 1 − mean of {', '.join(components.get('forget_efficacy', []))}",
-    ]
-    if components.get("not_included"):
-        lines.append(f"- closer-look components not included: {', '.join(components['not_included'])} "
-                     "(see docs/metrics.md)")
-    return "\n".join(lines)
+  if not components:
+    return ""
+  lines = [
+    "Components:",
+    f"- MU = harmonic mean of {', '.join(components.get('model_utility', []))}",
+    f"- UFE = 1 − mean of {', '.join(components.get('forget_efficacy', []))}",
+  ]
+  if components.get("not_included"):
+    lines.append(
+      f"- closer-look components not included: {', '.join(components['not_included'])} "
+      "(see docs/metrics.md)"
+    )
+  return "\n".join(lines)
 
 
 _LEGEND = (
-    "Forget Prob. = mean p(a|q)^(1/|a|) on the forget set; Forget ROUGE = ROUGE-L recall of greedy "
-    "answers; Forget TR = TOFU's mean min(R, 1/R) (1 = cannot tell right from wrong answers); "
-    "UFE = untargeted forget efficacy; MU = model utility; FQ = forget quality (KS-test p-value "
-    "against the retain-only model); OVR = (UFE + MU) / 2. Mean ± sample std over seeds."
+  "Forget Prob. = mean p(a|q)^(1/|a|) on the forget set; Forget ROUGE = ROUGE-L recall of greedy "
+  "answers; Forget TR = TOFU's mean min(R, 1/R) (1 = cannot tell right from wrong answers); "
+  "UFE = untargeted forget efficacy; MU = model utility; FQ = forget quality (KS-test p-value "
+  "against the retain-only model); OVR = (UFE + MU) / 2. Mean ± sample std over seeds."
 )
 
 
 def render_markdown(
-    results: Mapping[str, Sequence[Mapping[str, Any]]],
-    *,
-    title: str = "Unlearning results",
-    config: Mapping[str, Any] | None = None,
+  results: Mapping[str, Sequence[Mapping[str, Any]]],
+  *,
+  title: str = "Unlearning results",
+  config: Mapping[str, Any] | None = None,
 ) -> str:
-    """The whole results.md: title, table, legend, included components and the run configuration."""
-    parts = [f"# {title}", markdown_table(results), _LEGEND]
-    note = _components_note(_components(results))
-    if note:
-        parts.append(note)
-    if config:
-        parts.append("Configuration:\n" + "\n".join(f"- {k}: {v}" for k, v in config.items()))
-    return "\n\n".join(parts) + "\n"
+  """The whole results.md: title, table, legend, included components and the run configuration."""
+  parts = [f"# {title}", markdown_table(results), _LEGEND]
+  note = _components_note(_components(results))
+  if note:
+    parts.append(note)
+  if config:
+    parts.append("Configuration:\n" + "\n".join(f"- {k}: {v}" for k, v in config.items()))
+  return "\n\n".join(parts) + "\n"
 
 
 def _jsonable(x: Any) -> Any:
-    """Plain-JSON copy: numpy scalars/arrays to Python, NaN/inf to null (strict JSON has no NaN)."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if x is None or isinstance(x, str):
-        return x
-    return str(x)
+  """Plain-JSON copy: numpy scalars/arrays to Python, NaN/inf to null (strict JSON has no NaN)."""
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(x) else None
+  if x is None or isinstance(x, str):
+    return x
+  return str(x)
 
 
 def results_json(
-    results: Mapping[str, Sequence[Mapping[str, Any]]],
-    *,
-    loss_histories: Mapping[str, Sequence[Any]] | None = None,
-    config: Mapping[str, Any] | None = None,
+  results: Mapping[str, Sequence[Mapping[str, Any]]],
+  *,
+  loss_histories: Mapping[str, Sequence[Any]] | None = None,
+  config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results.json document: per row the seeds' metrics (per-item lists dropped) and their mean/std."""
-    rows = {}
-    for row, runs in results.items():
-        stats = seed_stats(runs)
-        rows[row] = {
-            "seeds": [{k: v for k, v in run.items() if k not in _DROPPED_KEYS} for run in runs],
-            "mean": {k: s.mean for k, s in stats.items()},
-            "std": {k: s.std for k, s in stats.items()},
-        }
-    doc = {
-        "columns": [key for key, _ in TABLE_COLUMNS],
-        "components": _components(results),
-        "config": dict(config or {}),
-        "rows": rows,
-        "loss_histories": _histories(loss_histories),
+  """The results.json document: per row the seeds' metrics (per-item lists dropped) and their mean/std."""
+  rows = {}
+  for row, runs in results.items():
+    stats = seed_stats(runs)
+    rows[row] = {
+      "seeds": [{k: v for k, v in run.items() if k not in _DROPPED_KEYS} for run in runs],
+      "mean": {k: s.mean for k, s in stats.items()},
+      "std": {k: s.std for k, s in stats.items()},
     }
-    return _jsonable(doc)
+  doc = {
+    "columns": [key for key, _ in TABLE_COLUMNS],
+    "components": _components(results),
+    "config": dict(config or {}),
+    "rows": rows,
+    "loss_histories": _histories(loss_histories),
+  }
+  return _jsonable(doc)
 
 
-def _histories(loss_histories: Mapping[str, Sequence[Any]] | None) -> dict[str, list[dict[str, Any]]]:
-    """Per-seed histories as ``{series: values}`` dicts; objects with ``.series()`` (the trainer's
-    ``LossHistory``) are converted, so results can be reported straight from training."""
-    return {
-        str(row): [dict(h.series()) if hasattr(h, "series") else dict(h) for h in runs]
-        for row, runs in (loss_histories or {}).items()
-    }
+def _histories(
+  loss_histories: Mapping[str, Sequence[Any]] | None,
+) -> dict[str, list[dict[str, Any]]]:
+  """Per-seed histories as ``{series: values}`` dicts; objects with ``.series()`` (the trainer's
+  ``LossHistory``) are converted, so results can be reported straight from training."""
+  return {
+    str(row): [dict(h.series()) if hasattr(h, "series") else dict(h) for h in runs]
+    for row, runs in (loss_histories or {}).items()
+  }
 
 
 def _series_xy(series: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """A loss series as (x, y): plain values are indexed 0..n-1, (step, value) pairs keep their steps."""
-    arr = np.asarray(series, np.float64)
-    if arr.ndim == 2 and arr.shape[1] == 2:
-        return arr[:, 0], arr[:, 1]
-    return np.arange(arr.size, dtype=np.float64), arr.reshape(-1)
+  """A loss series as (x, y): plain values are indexed 0..n-1, (step, value) pairs keep their steps."""
+  arr = np.asarray(series, np.float64)
+  if arr.ndim == 2 and arr.shape[1] == 2:
+    return arr[:, 0], arr[:, 1]
+  return np.arange(arr.size, dtype=np.float64), arr.reshape(-1)
 
 
 def plot_results(
-    path: str | Path,
-    results: Mapping[str, Sequence[Mapping[str, Any]]],
-    loss_histories: Mapping[str, Sequence[Any]] | None = None,
-    columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
+  path: str | Path,
+  results: Mapping[str, Sequence[Mapping[str, Any]]],
+  loss_histories: Mapping[str, Sequence[Any]] | None = None,
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
 ) -> Path:
-    """PNG: grouped metric bars per row (± std), then one panel per loss series (forget, retain, ...).
+  """PNG: grouped metric bars per row (± std), then one panel per loss series (forget, retain, ...).
 
-    Uses the Agg canvas directly (``matplotlib.figure.Figure``), never pyplot's global state, so it
-    works headless and from threads. Seeds of equal length are averaged (mean line, ±std band);
-    otherwise each seed is drawn.
-    """
-    from matplotlib.figure import Figure
+  Uses the Agg canvas directly (``matplotlib.figure.Figure``), never pyplot's global state, so it
+  works headless and from threads. Seeds of equal length are averaged (mean line, ±std band);
+  otherwise each seed is drawn.
+  """
+  from matplotlib.figure import Figure
 
-    histories = {k: v for k, v in _histories(loss_histories).items() if v}
-    series_names = list(dict.fromkeys(name for runs in histories.values() for h in runs for name in h))
-    # forget first, then retain, then anything else, so panels read like the table.
-    series_names.sort(key=lambda n: (0 if "forget" in n else 1 if "retain" in n else 2))
-    n_panels = 1 + len(series_names)
-    fig = Figure(figsize=(6.5 + 4.5 * len(series_names), 4.5), layout="constrained")
-    axes = fig.subplots(1, n_panels, squeeze=False, width_ratios=[1.5] + [1] * len(series_names))[0]
+  histories = {k: v for k, v in _histories(loss_histories).items() if v}
+  series_names = list(
+    dict.fromkeys(name for runs in histories.values() for h in runs for name in h)
+  )
+  # forget first, then retain, then anything else, so panels read like the table.
+  series_names.sort(key=lambda n: 0 if "forget" in n else 1 if "retain" in n else 2)
+  n_panels = 1 + len(series_names)
+  fig = Figure(figsize=(6.5 + 4.5 * len(series_names), 4.5), layout="constrained")
+  axes = fig.subplots(1, n_panels, squeeze=False, width_ratios=[1.5] + [1] * len(series_names))[0]
 
-    ax = axes[0]
-    rows = list(results)
-    # One colour per row in every panel.
-    colors = {row: f"C{i % 10}" for i, row in enumerate(dict.fromkeys(rows + list(histories)))}
-    width = 0.8 / max(len(rows), 1)
-    x = np.arange(len(columns))
-    for i, row in enumerate(rows):
-        stats = seed_stats(results[row])
-        means = [stats[k].mean if k in stats and stats[k].mean is not None else np.nan for k, _ in columns]
-        stds = [stats[k].std if k in stats and stats[k].std is not None else 0.0 for k, _ in columns]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, label=str(row), capsize=2,
-               color=colors[row])
-    ax.set_xticks(x, [title for _, title in columns], rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Metrics (mean ± std over seeds)")
-    ax.legend(fontsize="small")
+  ax = axes[0]
+  rows = list(results)
+  # One colour per row in every panel.
+  colors = {row: f"C{i % 10}" for i, row in enumerate(dict.fromkeys(rows + list(histories)))}
+  width = 0.8 / max(len(rows), 1)
+  x = np.arange(len(columns))
+  for i, row in enumerate(rows):
+    stats = seed_stats(results[row])
+    means = [
+      stats[k].mean if k in stats and stats[k].mean is not None else np.nan for k, _ in columns
+    ]
+    stds = [stats[k].std if k in stats and stats[k].std is not None else 0.0 for k, _ in columns]
+    ax.bar(
+      x + (i - (len(rows) - 1) / 2) * width,
+      means,
+      width,
+      yerr=stds,
+      label=str(row),
+      capsize=2,
+      color=colors[row],
+    )
+  ax.set_xticks(x, [title for _, title in columns], rotation=30, ha="right")
+  ax.set_ylim(0, 1.05)
+  ax.set_title("Metrics (mean ± std over seeds)")
+  ax.legend(fontsize="small")
 
-    for ax, name in zip(axes[1:], series_names):
-        for row, runs in histories.items():
-            curves = [_series_xy(h[name]) for h in runs if name in h and len(h[name])]
-            if not curves:
-                continue
-            if len({c[1].size for c in curves}) == 1:
-                xs, ys = curves[0][0], np.stack([c[1] for c in curves])
-                ax.plot(xs, ys.mean(0), label=str(row), color=colors[row])
-                if len(curves) > 1:
-                    ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2,
-                                    color=colors[row])
-            else:
-                for j, (xs, ys) in enumerate(curves):
-                    ax.plot(xs, ys, color=colors[row], label=str(row) if j == 0 else None)
-        ax.set_title(f"{name} loss")
-        ax.set_xlabel("step")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+  for ax, name in zip(axes[1:], series_names):
+    for row, runs in histories.items():
+      curves = [_series_xy(h[name]) for h in runs if name in h and len(h[name])]
+      if not curves:
+        continue
+      if len({c[1].size for c in curves}) == 1:
+        xs, ys = curves[0][0], np.stack([c[1] for c in curves])
+        ax.plot(xs, ys.mean(0), label=str(row), color=colors[row])
+        if len(curves) > 1:
+          ax.fill_between(
+            xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2, color=colors[row]
+          )
+      else:
+        for j, (xs, ys) in enumerate(curves):
+          ax.plot(xs, ys, color=colors[row], label=str(row) if j == 0 else None)
+    ax.set_title(f"{name} loss")
+    ax.set_xlabel("step")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize="small")
 
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+  path = Path(path)
+  fig.savefig(path, dpi=110)
+  return path
 
 
 def write_report(
-    out_dir: str | Path,
-    results: Mapping[str, Sequence[Mapping[str, Any]]],
-    *,
-    loss_histories: Mapping[str, Sequence[Any]] | None = None,
-    config: Mapping[str, Any] | None = None,
-    title: str = "Unlearning results",
-    echo: bool = True,
+  out_dir: str | Path,
+  results: Mapping[str, Sequence[Mapping[str, Any]]],
+  *,
+  loss_histories: Mapping[str, Sequence[Any]] | None = None,
+  config: Mapping[str, Any] | None = None,
+  title: str = "Unlearning results",
+  echo: bool = True,
 ) -> ReportFiles:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created).
+  """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created).
 
-    Args:
-      out_dir: destination folder.
-      results: ``{row: [per-seed metric dicts]}``, rows in display order (e.g. ``"Initial"`` first).
-      loss_histories: ``{row: [per-seed {series: losses}]}``; a series is a list of floats (indexed
-        by its own step count) or of ``(step, value)`` pairs, e.g. ``{"forget": [...], "retain": [...]}``;
-        an object with a ``series()`` method giving such a dict (``trainer.LossHistory``) works too.
-      config: run settings recorded in both the JSON and the markdown.
-      title: markdown heading.
-      echo: print the table (with its legend) to stdout.
-    """
-    if not results:
-        raise ValueError("results is empty: nothing to report")
-    for row, runs in results.items():
-        if not runs:
-            raise ValueError(f"row {row!r} has no runs")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = ReportFiles(out / "results.json", out / "results.md", out / "results.png")
-    doc = results_json(results, loss_histories=loss_histories, config=config)
-    files.json.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    markdown = render_markdown(results, title=title, config=config)
-    files.markdown.write_text(markdown)
-    plot_results(files.plot, results, loss_histories)
-    if echo:
-        print(markdown_table(results))
-        print()
-        print(_LEGEND)
-    return files
+  Args:
+    out_dir: destination folder.
+    results: ``{row: [per-seed metric dicts]}``, rows in display order (e.g. ``"Initial"`` first).
+    loss_histories: ``{row: [per-seed {series: losses}]}``; a series is a list of floats (indexed
+      by its own step count) or of ``(step, value)`` pairs, e.g. ``{"forget": [...], "retain": [...]}``;
+      an object with a ``series()`` method giving such a dict (``trainer.LossHistory``) works too.
+    config: run settings recorded in both the JSON and the markdown.
+    title: markdown heading.
+    echo: print the table (with its legend) to stdout.
+  """
+  if not results:
+    raise ValueError("results is empty: nothing to report")
+  for row, runs in results.items():
+    if not runs:
+      raise ValueError(f"row {row!r} has no runs")
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  files = ReportFiles(out / "results.json", out / "results.md", out / "results.png")
+  doc = results_json(results, loss_histories=loss_histories, config=config)
+  files.json.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+  markdown = render_markdown(results, title=title, config=config)
+  files.markdown.write_text(markdown)
+  plot_results(files.plot, results, loss_histories)
+  if echo:
+    print(markdown_table(results))
+    print()
+    print(_LEGEND)
+  return files

@@ -39,16 +39,16 @@ from dualoptim_jax.sharding import Placement
 from dualoptim_jax.unlearn.losses import Objective, masked_nll
 
 __all__ = [
-    "Preset",
-    "PRESETS",
-    "make_optimizer",
-    "preset_available",
-    "LossHistory",
-    "Unlearner",
-    "UnlearnResult",
-    "unlearn",
-    "FinetuneResult",
-    "finetune",
+  "Preset",
+  "PRESETS",
+  "make_optimizer",
+  "preset_available",
+  "LossHistory",
+  "Unlearner",
+  "UnlearnResult",
+  "unlearn",
+  "FinetuneResult",
+  "finetune",
 ]
 
 Batch = Mapping[str, Any]
@@ -58,407 +58,482 @@ FORGET, RETAIN = 0, 1
 # ------------------------------------------------------------------------------------------------
 # Optimizer presets.
 
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """One optimizer setting of the paper's Table 1.
+  """One optimizer setting of the paper's Table 1.
 
-    Attributes:
-      mode: ``"joint"`` or ``"alternate"``.
-      optimizer: ``"adamw"`` (one shared Adam state), ``"dualoptim"`` or ``"dualoptim_plus"``.
-      state_bits: 32, or 8 for block-wise quantized optimizer states.
-      description: one line for docs and reports.
-    """
+  Attributes:
+    mode: ``"joint"`` or ``"alternate"``.
+    optimizer: ``"adamw"`` (one shared Adam state), ``"dualoptim"`` or ``"dualoptim_plus"``.
+    state_bits: 32, or 8 for block-wise quantized optimizer states.
+    description: one line for docs and reports.
+  """
 
-    mode: str
-    optimizer: str
-    state_bits: int
-    description: str
+  mode: str
+  optimizer: str
+  state_bits: int
+  description: str
 
 
 PRESETS: dict[str, Preset] = {
-    "joint": Preset("joint", "adamw", 32, "AdamW on c_f L_f + c_r L_r, one update per step"),
-    "alternate": Preset("alternate", "adamw", 32,
-                        "AdamW with one shared state, alternating F_f forget / F_r retain updates"),
-    "dualoptim": Preset("alternate", "dualoptim", 32,
-                        "DualOptim: a separate Adam state per objective, alternating updates"),
-    "dualoptim_8bit": Preset("alternate", "dualoptim", 8, "DualOptim with 8-bit optimizer states"),
-    "dualoptim_plus": Preset("alternate", "dualoptim_plus", 32,
-                             "DualOptim+: shared base moments + per-objective deltas, alternating"),
-    "dualoptim_plus_8bit": Preset("alternate", "dualoptim_plus", 8,
-                                  "DualOptim+ with 8-bit optimizer states"),
+  "joint": Preset("joint", "adamw", 32, "AdamW on c_f L_f + c_r L_r, one update per step"),
+  "alternate": Preset(
+    "alternate",
+    "adamw",
+    32,
+    "AdamW with one shared state, alternating F_f forget / F_r retain updates",
+  ),
+  "dualoptim": Preset(
+    "alternate",
+    "dualoptim",
+    32,
+    "DualOptim: a separate Adam state per objective, alternating updates",
+  ),
+  "dualoptim_8bit": Preset("alternate", "dualoptim", 8, "DualOptim with 8-bit optimizer states"),
+  "dualoptim_plus": Preset(
+    "alternate",
+    "dualoptim_plus",
+    32,
+    "DualOptim+: shared base moments + per-objective deltas, alternating",
+  ),
+  "dualoptim_plus_8bit": Preset(
+    "alternate", "dualoptim_plus", 8, "DualOptim+ with 8-bit optimizer states"
+  ),
 }
 
 
 def make_optimizer(
-    preset: str,
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    forget_lr_scale: float = 1.0,
-    retain_lr_scale: float = 1.0,
-    weight_decay: float = 0.01,
+  preset: str,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  forget_lr_scale: float = 1.0,
+  retain_lr_scale: float = 1.0,
+  weight_decay: float = 0.01,
 ) -> optax.GradientTransformationExtraArgs:
-    """Builds the optax transform of a :data:`PRESETS` entry.
+  """Builds the optax transform of a :data:`PRESETS` entry.
 
-    The AdamW presets use the Hugging Face ``Trainer`` defaults the paper's baselines ran with
-    (``b1=0.9, b2=0.999, eps=1e-8``); the DualOptim ones use :func:`dualoptim_jax.dualoptim` /
-    :func:`dualoptim_jax.dualoptim_plus` defaults.
+  The AdamW presets use the Hugging Face ``Trainer`` defaults the paper's baselines ran with
+  (``b1=0.9, b2=0.999, eps=1e-8``); the DualOptim ones use :func:`dualoptim_jax.dualoptim` /
+  :func:`dualoptim_jax.dualoptim_plus` defaults.
 
-    Args:
-      preset: a key of :data:`PRESETS`.
-      learning_rate: base learning rate ``eta`` (float or schedule of the update count).
-      forget_lr_scale, retain_lr_scale: alternating presets update objective k with
-        ``eta * scale_k`` (``lr_scales``); ``joint`` has one learning rate and ignores them.
-      weight_decay: decoupled weight decay.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
-    scales = (float(forget_lr_scale), float(retain_lr_scale))
-    if spec.optimizer == "adamw":
-        if spec.mode == "joint":
-            return optax.with_extra_args_support(
-                optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
-        return optax.chain(
-            optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-            optax.add_decayed_weights(weight_decay),
-            dj.scale_by_objective_learning_rate(learning_rate, lr_scales=scales, num_objectives=2),
-        )
-    factory = getattr(dj, spec.optimizer, None)
-    if factory is None:
-        raise NotImplementedError(f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}, which this build lacks")
-    kwargs: dict[str, Any] = dict(weight_decay=weight_decay, num_objectives=2, lr_scales=scales)
-    if spec.state_bits != 32:
-        if "state_bits" not in inspect.signature(factory).parameters:
-            raise NotImplementedError(
-                f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}(state_bits={spec.state_bits}), "
-                "which this build does not support yet")
-        kwargs["state_bits"] = spec.state_bits
-    return factory(learning_rate, **kwargs)
+  Args:
+    preset: a key of :data:`PRESETS`.
+    learning_rate: base learning rate ``eta`` (float or schedule of the update count).
+    forget_lr_scale, retain_lr_scale: alternating presets update objective k with
+      ``eta * scale_k`` (``lr_scales``); ``joint`` has one learning rate and ignores them.
+    weight_decay: decoupled weight decay.
+  """
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+  spec = PRESETS[preset]
+  scales = (float(forget_lr_scale), float(retain_lr_scale))
+  if spec.optimizer == "adamw":
+    if spec.mode == "joint":
+      return optax.with_extra_args_support(
+        optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+      )
+    return optax.chain(
+      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+      optax.add_decayed_weights(weight_decay),
+      dj.scale_by_objective_learning_rate(learning_rate, lr_scales=scales, num_objectives=2),
+    )
+  factory = getattr(dj, spec.optimizer, None)
+  if factory is None:
+    raise NotImplementedError(
+      f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}, which this build lacks"
+    )
+  kwargs: dict[str, Any] = dict(weight_decay=weight_decay, num_objectives=2, lr_scales=scales)
+  if spec.state_bits != 32:
+    if "state_bits" not in inspect.signature(factory).parameters:
+      raise NotImplementedError(
+        f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}(state_bits={spec.state_bits}), "
+        "which this build does not support yet"
+      )
+    kwargs["state_bits"] = spec.state_bits
+  return factory(learning_rate, **kwargs)
 
 
 _cached_optimizer = functools.lru_cache(maxsize=32)(make_optimizer)
 
 
 def preset_available(preset: str) -> bool:
-    """Whether :func:`make_optimizer` can build ``preset`` with this build of dualoptim_jax."""
-    try:
-        make_optimizer(preset, 1e-3)
-    except NotImplementedError:
-        return False
-    return True
+  """Whether :func:`make_optimizer` can build ``preset`` with this build of dualoptim_jax."""
+  try:
+    make_optimizer(preset, 1e-3)
+  except NotImplementedError:
+    return False
+  return True
 
 
 # ------------------------------------------------------------------------------------------------
 # The functional core: params split off an NNX module, a jitted step per loss.
 
+
 @functools.lru_cache(maxsize=32)
-def _compiled_update(graphdef: Any, tx: optax.GradientTransformationExtraArgs, loss: Callable,
-                     tx_kwargs: tuple[tuple[str, Any], ...], placement: Placement | None) -> Callable:
-    """The jitted update ``(params, opt_state, rest, ref_params, batches) -> (params, opt_state, aux)``.
+def _compiled_update(
+  graphdef: Any,
+  tx: optax.GradientTransformationExtraArgs,
+  loss: Callable,
+  tx_kwargs: tuple[tuple[str, Any], ...],
+  placement: Placement | None,
+) -> Callable:
+  """The jitted update ``(params, opt_state, rest, ref_params, batches) -> (params, opt_state, aux)``.
 
-    One per (model structure, transform object, loss, ``tx.update`` kwargs, placement), so runs that
-    share them -- the seeds of a preset -- compile once. ``loss(apply_fn, ref_apply_fn, batches) ->
-    (loss, aux)`` must be hashable (a module-level function or a frozen dataclass); ``placement`` is
-    None on one device.
-    """
-    def apply_fn(params, rest):
-        return lambda ids: nnx.merge(graphdef, params, rest)(ids)
+  One per (model structure, transform object, loss, ``tx.update`` kwargs, placement), so runs that
+  share them -- the seeds of a preset -- compile once. ``loss(apply_fn, ref_apply_fn, batches) ->
+  (loss, aux)`` must be hashable (a module-level function or a frozen dataclass); ``placement`` is
+  None on one device.
+  """
 
-    def update(params, opt_state, rest, ref_params, batches):
-        def total(p):
-            ref_fn = None if ref_params is None else apply_fn(ref_params, rest)
-            return loss(apply_fn(p, rest), ref_fn, batches)
+  def apply_fn(params, rest):
+    return lambda ids: nnx.merge(graphdef, params, rest)(ids)
 
-        (_, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, **dict(tx_kwargs))
-        params = optax.apply_updates(params, updates)
-        if placement is not None:
-            params, opt_state = placement.constrain(params, opt_state)
-        return params, opt_state, aux
+  def update(params, opt_state, rest, ref_params, batches):
+    def total(p):
+      ref_fn = None if ref_params is None else apply_fn(ref_params, rest)
+      return loss(apply_fn(p, rest), ref_fn, batches)
 
-    return jax.jit(update, donate_argnums=(0, 1))
+    (_, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, **dict(tx_kwargs))
+    params = optax.apply_updates(params, updates)
+    if placement is not None:
+      params, opt_state = placement.constrain(params, opt_state)
+    return params, opt_state, aux
+
+  return jax.jit(update, donate_argnums=(0, 1))
 
 
 class _Core:
-    """Parameters and optimizer state of one module under one transform.
+  """Parameters and optimizer state of one module under one transform.
 
-    With a ``mesh`` (:func:`dualoptim_jax.sharding.make_mesh`) the parameters are sharded by their
-    annotations, the optimizer state like its parameters and batch rows over the devices; without
-    one everything stays on the default device. The step is the same code either way.
-    """
+  With a ``mesh`` (:func:`dualoptim_jax.sharding.make_mesh`) the parameters are sharded by their
+  annotations, the optimizer state like its parameters and batch rows over the devices; without
+  one everything stays on the default device. The step is the same code either way.
+  """
 
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, mesh: Any = None):
-        self.placement = Placement(mesh)
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        self.source_params = params  # the caller's arrays: never donated
-        # Own buffers, since every step donates them.
-        self.params = self.placement.params(params)
-        self.rest = self.placement.replicate(rest)
-        self.tx = tx if isinstance(tx, optax.GradientTransformationExtraArgs) else optax.with_extra_args_support(tx)
-        self.opt_state = self.placement.init(self.tx, self.params)
+  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, mesh: Any = None):
+    self.placement = Placement(mesh)
+    self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    self.source_params = params  # the caller's arrays: never donated
+    # Own buffers, since every step donates them.
+    self.params = self.placement.params(params)
+    self.rest = self.placement.replicate(rest)
+    self.tx = (
+      tx
+      if isinstance(tx, optax.GradientTransformationExtraArgs)
+      else optax.with_extra_args_support(tx)
+    )
+    self.opt_state = self.placement.init(self.tx, self.params)
 
-    def step(self, loss: Callable, tx_kwargs: tuple[tuple[str, Any], ...], ref_params: Any, batches: Any) -> Any:
-        """One update on ``loss`` (see :func:`_compiled_update`); returns its aux."""
-        update = _compiled_update(self.graphdef, self.tx, loss, tx_kwargs,
-                                  None if self.placement.mesh is None else self.placement)
-        self.params, self.opt_state, aux = update(self.params, self.opt_state, self.rest, ref_params,
-                                                  self.placement.batch(batches))
-        return aux
+  def step(
+    self, loss: Callable, tx_kwargs: tuple[tuple[str, Any], ...], ref_params: Any, batches: Any
+  ) -> Any:
+    """One update on ``loss`` (see :func:`_compiled_update`); returns its aux."""
+    update = _compiled_update(
+      self.graphdef,
+      self.tx,
+      loss,
+      tx_kwargs,
+      None if self.placement.mesh is None else self.placement,
+    )
+    self.params, self.opt_state, aux = update(
+      self.params, self.opt_state, self.rest, ref_params, self.placement.batch(batches)
+    )
+    return aux
 
-    def export(self) -> nnx.Module:
-        """A new module holding a copy of the current parameters."""
-        return nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.params), self.rest)
+  def export(self) -> nnx.Module:
+    """A new module holding a copy of the current parameters."""
+    return nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.params), self.rest)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+  return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
 # ------------------------------------------------------------------------------------------------
 # Unlearning.
 
+
 class LossHistory(NamedTuple):
-    """Per-update losses (unweighted); ``nan`` where a loss was not computed.
+  """Per-update losses (unweighted); ``nan`` where a loss was not computed.
 
-    ``objective`` is 0 (forget update), 1 (retain update) or -1 (joint update).
-    """
+  ``objective`` is 0 (forget update), 1 (retain update) or -1 (joint update).
+  """
 
-    update: np.ndarray  # int64 (N,)
-    objective: np.ndarray  # int64 (N,)
-    forget: np.ndarray  # float64 (N,)
-    retain: np.ndarray  # float64 (N,)
+  update: np.ndarray  # int64 (N,)
+  objective: np.ndarray  # int64 (N,)
+  forget: np.ndarray  # float64 (N,)
+  retain: np.ndarray  # float64 (N,)
 
-    def series(self) -> dict[str, list[tuple[int, float]]]:
-        """``{"forget": [(update, loss), ...], "retain": [...]}`` without the ``nan`` entries."""
-        out = {}
-        for name in ("forget", "retain"):
-            values = getattr(self, name)
-            keep = ~np.isnan(values)
-            out[name] = [(int(u), float(v)) for u, v in zip(self.update[keep], values[keep])]
-        return out
+  def series(self) -> dict[str, list[tuple[int, float]]]:
+    """``{"forget": [(update, loss), ...], "retain": [...]}`` without the ``nan`` entries."""
+    out = {}
+    for name in ("forget", "retain"):
+      values = getattr(self, name)
+      keep = ~np.isnan(values)
+      out[name] = [(int(u), float(v)) for u, v in zip(self.update[keep], values[keep])]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class _ObjectiveLoss:
-    """The loss of one kind of update: ``which`` = 0 (forget), 1 (retain) or None (joint, with
-    ``batches = (forget, retain)``); returns (weighted loss to descend, unweighted losses). Frozen
-    and hashable, so equal objectives share a compiled step."""
+  """The loss of one kind of update: ``which`` = 0 (forget), 1 (retain) or None (joint, with
+  ``batches = (forget, retain)``); returns (weighted loss to descend, unweighted losses). Frozen
+  and hashable, so equal objectives share a compiled step."""
 
-    objective: Objective
-    which: int | None
+  objective: Objective
+  which: int | None
 
-    def __call__(self, fn, ref_fn, batches):
-        obj = self.objective
-        if self.which == FORGET:
-            lf = obj.forget_loss(fn, ref_fn, batches)
-            return obj.forget_coef * lf, {"forget": lf}
-        if self.which == RETAIN:
-            lr = obj.retain_loss(fn, ref_fn, batches)
-            return obj.retain_coef * lr, {"retain": lr}
-        lf = obj.forget_loss(fn, ref_fn, batches[0])
-        lr = obj.retain_loss(fn, ref_fn, batches[1])
-        return obj.forget_coef * lf + obj.retain_coef * lr, {"forget": lf, "retain": lr}
+  def __call__(self, fn, ref_fn, batches):
+    obj = self.objective
+    if self.which == FORGET:
+      lf = obj.forget_loss(fn, ref_fn, batches)
+      return obj.forget_coef * lf, {"forget": lf}
+    if self.which == RETAIN:
+      lr = obj.retain_loss(fn, ref_fn, batches)
+      return obj.retain_coef * lr, {"retain": lr}
+    lf = obj.forget_loss(fn, ref_fn, batches[0])
+    lr = obj.retain_loss(fn, ref_fn, batches[1])
+    return obj.forget_coef * lf + obj.retain_coef * lr, {"forget": lf, "retain": lr}
 
 
 class Unlearner:
-    """Runs an :class:`~dualoptim_jax.unlearn.losses.Objective` with an optax transform.
+  """Runs an :class:`~dualoptim_jax.unlearn.losses.Objective` with an optax transform.
 
-    Args:
-      model: the model to unlearn (not modified; see :attr:`model`).
-      objective: from :func:`~dualoptim_jax.unlearn.losses.make_objective`.
-      tx: any optax transform; in ``alternate`` mode it receives ``objective=k``.
-      mode: ``"joint"`` or ``"alternate"``.
-      forget_steps, retain_steps: ``F_f``, ``F_r`` >= 1 of the alternating schedule.
-      ref_model: frozen reference for NPO / DPO / KL; default: ``model`` as it is now.
-      mesh: a ``('data', 'fsdp')`` mesh (:func:`dualoptim_jax.sharding.make_mesh`) to train
-        FSDP-sharded on; None: the default device.
+  Args:
+    model: the model to unlearn (not modified; see :attr:`model`).
+    objective: from :func:`~dualoptim_jax.unlearn.losses.make_objective`.
+    tx: any optax transform; in ``alternate`` mode it receives ``objective=k``.
+    mode: ``"joint"`` or ``"alternate"``.
+    forget_steps, retain_steps: ``F_f``, ``F_r`` >= 1 of the alternating schedule.
+    ref_model: frozen reference for NPO / DPO / KL; default: ``model`` as it is now.
+    mesh: a ``('data', 'fsdp')`` mesh (:func:`dualoptim_jax.sharding.make_mesh`) to train
+      FSDP-sharded on; None: the default device.
 
-    The state to checkpoint for an exact resume is :meth:`state_dict` plus the two batch
-    iterators' ``state_dict()`` (:mod:`dualoptim_jax.unlearn.checkpoint` does both with orbax).
-    """
+  The state to checkpoint for an exact resume is :meth:`state_dict` plus the two batch
+  iterators' ``state_dict()`` (:mod:`dualoptim_jax.unlearn.checkpoint` does both with orbax).
+  """
 
-    def __init__(
-        self,
-        model: nnx.Module,
-        objective: Objective,
-        tx: optax.GradientTransformation,
-        *,
-        mode: str = "alternate",
-        forget_steps: int = 1,
-        retain_steps: int = 5,
-        ref_model: nnx.Module | None = None,
-        mesh: Any = None,
-    ):
-        if mode not in ("joint", "alternate"):
-            raise ValueError(f"mode must be 'joint' or 'alternate', got {mode!r}")
-        self.schedule = dj.alternating(forget_steps, retain_steps)  # validates the frequencies
-        self.objective = objective
-        self.mode = mode
-        self.forget_steps, self.retain_steps = forget_steps, retain_steps
-        self._core = _Core(model, tx, mesh)
-        self.ref_params = None
-        if objective.needs_reference:
-            ref = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
-            self.ref_params = self._core.placement.like_params(ref)
-        self.update_count = 0
-
-    def objective_at(self, update: int) -> int | None:
-        """0 / 1 for the forget / retain objective of update ``update``; None in joint mode."""
-        return None if self.mode == "joint" else self.schedule(update)
-
-    def step(self, forget_batches: Iterator[Batch], retain_batches: Iterator[Batch]) -> dict[str, float]:
-        """One optimizer update, drawing the batches it needs; returns its unweighted losses."""
-        k = self.objective_at(self.update_count)
-        if k is None:
-            aux = self._core.step(_ObjectiveLoss(self.objective, None), (), self.ref_params,
-                                  (next(forget_batches), next(retain_batches)))
-        else:
-            batch = next(forget_batches) if k == FORGET else next(retain_batches)
-            aux = self._core.step(_ObjectiveLoss(self.objective, k), (("objective", k),), self.ref_params, batch)
-        self.update_count += 1
-        return {name: float(v) for name, v in aux.items()}
-
-    def run(
-        self,
-        forget_batches: Iterator[Batch],
-        retain_batches: Iterator[Batch],
-        num_updates: int,
-        *,
-        progress: bool = True,
-        desc: str = "unlearn",
-        on_update: Callable[[int, dict[str, float]], None] | None = None,
-    ) -> LossHistory:
-        """``num_updates`` calls of :meth:`step`, with a progress bar showing both losses.
-
-        ``on_update(update, losses)`` runs after each update (e.g. to checkpoint).
-        """
-        if num_updates < 0:
-            raise ValueError(f"num_updates must be >= 0, got {num_updates}")
-        rows = []
-        last = {"forget": math.nan, "retain": math.nan}
-        with _progress(num_updates, desc, progress) as bar:
-            for _ in range(num_updates):
-                update, k = self.update_count, self.objective_at(self.update_count)
-                losses = self.step(forget_batches, retain_batches)
-                last.update(losses)
-                rows.append((update, -1 if k is None else k, losses.get("forget", math.nan),
-                             losses.get("retain", math.nan)))
-                bar.set_postfix(forget=f"{last['forget']:.4g}", retain=f"{last['retain']:.4g}", refresh=False)
-                bar.update()
-                if on_update is not None:
-                    on_update(update, losses)
-        cols = list(zip(*rows)) if rows else [(), (), (), ()]
-        return LossHistory(np.asarray(cols[0], np.int64), np.asarray(cols[1], np.int64),
-                           np.asarray(cols[2], np.float64), np.asarray(cols[3], np.float64))
-
-    @property
-    def model(self) -> nnx.Module:
-        """A new module with the current parameters."""
-        return self._core.export()
-
-    @property
-    def params(self) -> Any:
-        return self._core.params
-
-    @property
-    def opt_state(self) -> Any:
-        """The live optimizer state (donated to the next step: copy what you keep)."""
-        return self._core.opt_state
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"params", "opt_state", "update"}``: what a checkpoint needs besides the batch iterators.
-
-        The arrays are copies: the live ones are donated to the next step.
-        """
-        copy = lambda tree: jax.tree.map(jnp.copy, tree)
-        return {"params": copy(self._core.params), "opt_state": copy(self._core.opt_state), "update": self.update_count}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resumes from :meth:`state_dict` (arrays are copied, so the caller's stay valid)."""
-        for name in ("params", "opt_state"):
-            mine, theirs = jax.tree.structure(getattr(self._core, name)), jax.tree.structure(state[name])
-            if mine != theirs:
-                raise ValueError(f"cannot resume: saved {name} do not match this model/optimizer "
-                                 f"({theirs.num_leaves} leaves saved, {mine.num_leaves} expected)")
-        self._core.params = self._core.placement.put(state["params"], "params")
-        self._core.opt_state = self._core.placement.put(state["opt_state"], "opt_state")
-        self.update_count = int(state["update"])
-
-
-class UnlearnResult(NamedTuple):
-    model: nnx.Module
-    history: LossHistory
-
-
-def unlearn(
+  def __init__(
+    self,
     model: nnx.Module,
     objective: Objective,
-    forget_batches: Iterator[Batch],
-    retain_batches: Iterator[Batch],
+    tx: optax.GradientTransformation,
     *,
-    preset: str = "dualoptim_plus",
-    learning_rate: optax.ScalarOrSchedule = 1e-5,
-    num_updates: int,
-    forget_lr_scale: float = 1.0,
-    retain_lr_scale: float = 1.0,
-    weight_decay: float = 0.01,
+    mode: str = "alternate",
     forget_steps: int = 1,
     retain_steps: int = 5,
     ref_model: nnx.Module | None = None,
-    progress: bool = True,
     mesh: Any = None,
-) -> UnlearnResult:
-    """Unlearns with a named preset: :func:`make_optimizer` + :class:`Unlearner` + ``run``.
+  ):
+    if mode not in ("joint", "alternate"):
+      raise ValueError(f"mode must be 'joint' or 'alternate', got {mode!r}")
+    self.schedule = dj.alternating(forget_steps, retain_steps)  # validates the frequencies
+    self.objective = objective
+    self.mode = mode
+    self.forget_steps, self.retain_steps = forget_steps, retain_steps
+    self._core = _Core(model, tx, mesh)
+    self.ref_params = None
+    if objective.needs_reference:
+      ref = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
+      self.ref_params = self._core.placement.like_params(ref)
+    self.update_count = 0
 
-    Returns a new model and the loss history; ``model`` is left as it was.
+  def objective_at(self, update: int) -> int | None:
+    """0 / 1 for the forget / retain objective of update ``update``; None in joint mode."""
+    return None if self.mode == "joint" else self.schedule(update)
+
+  def step(
+    self, forget_batches: Iterator[Batch], retain_batches: Iterator[Batch]
+  ) -> dict[str, float]:
+    """One optimizer update, drawing the batches it needs; returns its unweighted losses."""
+    k = self.objective_at(self.update_count)
+    if k is None:
+      aux = self._core.step(
+        _ObjectiveLoss(self.objective, None),
+        (),
+        self.ref_params,
+        (next(forget_batches), next(retain_batches)),
+      )
+    else:
+      batch = next(forget_batches) if k == FORGET else next(retain_batches)
+      aux = self._core.step(
+        _ObjectiveLoss(self.objective, k), (("objective", k),), self.ref_params, batch
+      )
+    self.update_count += 1
+    return {name: float(v) for name, v in aux.items()}
+
+  def run(
+    self,
+    forget_batches: Iterator[Batch],
+    retain_batches: Iterator[Batch],
+    num_updates: int,
+    *,
+    progress: bool = True,
+    desc: str = "unlearn",
+    on_update: Callable[[int, dict[str, float]], None] | None = None,
+  ) -> LossHistory:
+    """``num_updates`` calls of :meth:`step`, with a progress bar showing both losses.
+
+    ``on_update(update, losses)`` runs after each update (e.g. to checkpoint).
     """
-    # The same transform object for the same settings: runs that differ only in seed share compiled steps.
-    kwargs = dict(forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale, weight_decay=weight_decay)
-    try:
-        tx = _cached_optimizer(preset, learning_rate, **kwargs)
-    except TypeError:  # an unhashable learning rate (e.g. an array): build a fresh transform
-        tx = make_optimizer(preset, learning_rate, **kwargs)
-    runner = Unlearner(model, objective, tx, mode=PRESETS[preset].mode, forget_steps=forget_steps,
-                       retain_steps=retain_steps, ref_model=ref_model, mesh=mesh)
-    history = runner.run(forget_batches, retain_batches, num_updates, progress=progress, desc=preset)
-    return UnlearnResult(runner.model, history)
+    if num_updates < 0:
+      raise ValueError(f"num_updates must be >= 0, got {num_updates}")
+    rows = []
+    last = {"forget": math.nan, "retain": math.nan}
+    with _progress(num_updates, desc, progress) as bar:
+      for _ in range(num_updates):
+        update, k = self.update_count, self.objective_at(self.update_count)
+        losses = self.step(forget_batches, retain_batches)
+        last.update(losses)
+        rows.append(
+          (
+            update,
+            -1 if k is None else k,
+            losses.get("forget", math.nan),
+            losses.get("retain", math.nan),
+          )
+        )
+        bar.set_postfix(
+          forget=f"{last['forget']:.4g}", retain=f"{last['retain']:.4g}", refresh=False
+        )
+        bar.update()
+        if on_update is not None:
+          on_update(update, losses)
+    cols = list(zip(*rows)) if rows else [(), (), (), ()]
+    return LossHistory(
+      np.asarray(cols[0], np.int64),
+      np.asarray(cols[1], np.int64),
+      np.asarray(cols[2], np.float64),
+      np.asarray(cols[3], np.float64),
+    )
+
+  @property
+  def model(self) -> nnx.Module:
+    """A new module with the current parameters."""
+    return self._core.export()
+
+  @property
+  def params(self) -> Any:
+    return self._core.params
+
+  @property
+  def opt_state(self) -> Any:
+    """The live optimizer state (donated to the next step: copy what you keep)."""
+    return self._core.opt_state
+
+  def state_dict(self) -> dict[str, Any]:
+    """``{"params", "opt_state", "update"}``: what a checkpoint needs besides the batch iterators.
+
+    The arrays are copies: the live ones are donated to the next step.
+    """
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    return {
+      "params": copy(self._core.params),
+      "opt_state": copy(self._core.opt_state),
+      "update": self.update_count,
+    }
+
+  def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    """Resumes from :meth:`state_dict` (arrays are copied, so the caller's stay valid)."""
+    for name in ("params", "opt_state"):
+      mine, theirs = jax.tree.structure(getattr(self._core, name)), jax.tree.structure(state[name])
+      if mine != theirs:
+        raise ValueError(
+          f"cannot resume: saved {name} do not match this model/optimizer "
+          f"({theirs.num_leaves} leaves saved, {mine.num_leaves} expected)"
+        )
+    self._core.params = self._core.placement.put(state["params"], "params")
+    self._core.opt_state = self._core.placement.put(state["opt_state"], "opt_state")
+    self.update_count = int(state["update"])
+
+
+class UnlearnResult(NamedTuple):
+  model: nnx.Module
+  history: LossHistory
+
+
+def unlearn(
+  model: nnx.Module,
+  objective: Objective,
+  forget_batches: Iterator[Batch],
+  retain_batches: Iterator[Batch],
+  *,
+  preset: str = "dualoptim_plus",
+  learning_rate: optax.ScalarOrSchedule = 1e-5,
+  num_updates: int,
+  forget_lr_scale: float = 1.0,
+  retain_lr_scale: float = 1.0,
+  weight_decay: float = 0.01,
+  forget_steps: int = 1,
+  retain_steps: int = 5,
+  ref_model: nnx.Module | None = None,
+  progress: bool = True,
+  mesh: Any = None,
+) -> UnlearnResult:
+  """Unlearns with a named preset: :func:`make_optimizer` + :class:`Unlearner` + ``run``.
+
+  Returns a new model and the loss history; ``model`` is left as it was.
+  """
+  # The same transform object for the same settings: runs that differ only in seed share compiled steps.
+  kwargs = dict(
+    forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale, weight_decay=weight_decay
+  )
+  try:
+    tx = _cached_optimizer(preset, learning_rate, **kwargs)
+  except TypeError:  # an unhashable learning rate (e.g. an array): build a fresh transform
+    tx = make_optimizer(preset, learning_rate, **kwargs)
+  runner = Unlearner(
+    model,
+    objective,
+    tx,
+    mode=PRESETS[preset].mode,
+    forget_steps=forget_steps,
+    retain_steps=retain_steps,
+    ref_model=ref_model,
+    mesh=mesh,
+  )
+  history = runner.run(forget_batches, retain_batches, num_updates, progress=progress, desc=preset)
+  return UnlearnResult(runner.model, history)
 
 
 # ------------------------------------------------------------------------------------------------
 # Plain fine-tuning.
 
+
 class FinetuneResult(NamedTuple):
-    model: nnx.Module
-    losses: np.ndarray  # float64 (num_steps,): the answer-token NLL of each step's batch
+  model: nnx.Module
+  losses: np.ndarray  # float64 (num_steps,): the answer-token NLL of each step's batch
 
 
 def _nll_loss(fn, ref_fn, batch):
-    del ref_fn
-    loss = masked_nll(fn(batch["input_ids"]), batch["input_ids"], batch["answer_mask"])
-    return loss, loss
+  del ref_fn
+  loss = masked_nll(fn(batch["input_ids"]), batch["input_ids"], batch["answer_mask"])
+  return loss, loss
 
 
 def finetune(
-    model: nnx.Module,
-    batches: Iterator[Batch],
-    tx: optax.GradientTransformation,
-    num_steps: int,
-    *,
-    progress: bool = True,
-    desc: str = "fine-tune",
-    mesh: Any = None,
+  model: nnx.Module,
+  batches: Iterator[Batch],
+  tx: optax.GradientTransformation,
+  num_steps: int,
+  *,
+  progress: bool = True,
+  desc: str = "fine-tune",
+  mesh: Any = None,
 ) -> FinetuneResult:
-    """Fine-tunes on the answer-token NLL (the TOFU fine-tuning loss): the "TOFU-tuned" model on
-    all QA, or the retain-only model on the retain set. Returns a new model; ``model`` is unchanged.
-    ``mesh``: train FSDP-sharded on it (see :class:`Unlearner`).
-    """
-    if num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    core = _Core(model, tx, mesh)
-    losses = np.empty(num_steps, np.float64)
-    with _progress(num_steps, desc, progress) as bar:
-        for i in range(num_steps):
-            losses[i] = float(core.step(_nll_loss, (), None, next(batches)))
-            bar.set_postfix(nll=f"{losses[i]:.4g}", refresh=False)
-            bar.update()
-    return FinetuneResult(core.export(), losses)
+  """Fine-tunes on the answer-token NLL (the TOFU fine-tuning loss): the "TOFU-tuned" model on
+  all QA, or the retain-only model on the retain set. Returns a new model; ``model`` is unchanged.
+  ``mesh``: train FSDP-sharded on it (see :class:`Unlearner`).
+  """
+  if num_steps < 0:
+    raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+  core = _Core(model, tx, mesh)
+  losses = np.empty(num_steps, np.float64)
+  with _progress(num_steps, desc, progress) as bar:
+    for i in range(num_steps):
+      losses[i] = float(core.step(_nll_loss, (), None, next(batches)))
+      bar.set_postfix(nll=f"{losses[i]:.4g}", refresh=False)
+      bar.update()
+  return FinetuneResult(core.export(), losses)
