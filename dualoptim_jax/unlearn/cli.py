@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -51,10 +50,13 @@ from dualoptim_jax import sharding
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, pretrained, report
-from dualoptim_jax.unlearn.checkpoint import CheckpointMismatchError, checkpointed_unlearn
+from dualoptim_jax.unlearn import pretrained
+from dualoptim_jax.unlearn.checkpoint import CheckpointMismatchError
 from dualoptim_jax.unlearn.losses import make_objective
-from dualoptim_jax.unlearn.trainer import PRESETS, finetune, preset_available
+from dualoptim_jax.unlearn.tasks import TASKS, make_task
+from dualoptim_jax.unlearn.tasks.downstream import parse_specs
+from dualoptim_jax.unlearn.tasks.refusal import get_judge
+from dualoptim_jax.unlearn.trainer import PRESETS, finetune
 
 __all__ = ["RunConfig", "build_parser", "parse_args", "run", "main"]
 
@@ -67,6 +69,11 @@ _CACHE_VERSION = "1"
 class RunConfig:
   """Every setting of a run (the command-line flags; see ``dualoptim-unlearn --help``)."""
 
+  task: str = "tofu"
+  downstream: str | None = None
+  downstream_items: int | None = None
+  safety_utility: str = "sft"
+  judge: str = "string_match"
   data_dir: str | None = None
   split: str = "forget01"
   task_id: int | None = None
@@ -117,6 +124,39 @@ def build_parser() -> argparse.ArgumentParser:
     "preset, evaluate with the TOFU / closer-look metrics and write results.json, results.md "
     "and results.png. With no flags: the built-in synthetic data.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  g = p.add_argument_group("task")
+  g.add_argument(
+    "--task",
+    default=d.task,
+    choices=TASKS,
+    help="tofu: forget fictitious authors (Table 1); real_world: forget famous people, keep "
+    "their neighbours (Table 2, needs --data-dir); safety: refuse harmful instructions, stay "
+    "helpful (Table 3, needs --data-dir); see docs/tasks.md",
+  )
+  g.add_argument(
+    "--downstream",
+    default=d.downstream,
+    help="downstream utility sets, NAME=PATH,...: gsm8k* = GSM8K JSON Lines (exact match of the "
+    "final number), any other name = multiple-choice JSON Lines (question, choices, answer)",
+  )
+  g.add_argument(
+    "--downstream-items",
+    type=int,
+    default=d.downstream_items,
+    help="items per downstream set (default: --eval-items)",
+  )
+  g.add_argument(
+    "--safety-utility",
+    default=d.safety_utility,
+    choices=("sft", "kl"),
+    help="safety task, objective 1: supervised Alpaca seed tasks, or KL to the initial model on them",
+  )
+  g.add_argument(
+    "--judge",
+    default=d.judge,
+    help="safety task: refusal judge (string_match, or one registered with "
+    "dualoptim_jax.unlearn.tasks.refusal.register_judge)",
   )
   g = p.add_argument_group("data")
   g.add_argument(
@@ -325,6 +365,15 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
       parser.error(f"--mesh: {e}")
   if a.resume and a.checkpoint_dir is None:
     parser.error("--resume needs --checkpoint-dir (where the runs' checkpoints are)")
+  if a.downstream_items is not None and a.downstream_items < 1:
+    parser.error(f"--downstream-items must be >= 1, got {a.downstream_items}")
+  try:
+    parse_specs(a.downstream)
+    get_judge(a.judge)
+  except ValueError as e:
+    parser.error(str(e))
+  if a.task != "tofu" and a.data_dir is None:
+    parser.error(f"--task {a.task} needs --data-dir (it has no built-in data)")
   if a.steps is not None and a.steps < 1:
     parser.error(f"--steps must be >= 1, got {a.steps}")
   if not a.epochs > 0:
@@ -520,142 +569,10 @@ def _run_fingerprint(
 
 
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
-  """Runs the experiment of ``cfg`` and writes the report; returns the results.json document."""
-  t_start = time.perf_counter()
-  data = load_data(cfg)
-  log(data.summary())
-  cache = _cache_dir(cfg)
-  mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
-  if mesh is not None:
-    log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
-  timings: dict[str, float] = {}
-  t0 = time.perf_counter()
-  if cfg.model is None:
-    vocab = cfg.vocab_size or (1024 if cfg.data_dir is None else 4096)
-    tok = Tokenizer.train(corpus(data), vocab_size=vocab, cache_path=cache / "tokenizers")
-    log(
-      f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; devices: {jax.devices()}"
-    )
-    general = data.real_authors + data.world_facts
-    base = tuned_model("full", data.forget + data.retain + general, tok, cfg, cache, log, mesh=mesh)
-    retain_only = tuned_model("retain", data.retain + general, tok, cfg, cache, log, mesh=mesh)
-  else:  # a pretrained LM brings its general knowledge: tune on forget + retain only
-    data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
-    log(data.summary())
-    start, tok, start_key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
-    log(pretrained.describe(start, cfg.model, start_key) + f"; devices: {jax.devices()}")
-    base = tuned_model(
-      "full",
-      data.forget + data.retain,
-      tok,
-      cfg,
-      cache,
-      log,
-      init=start,
-      init_key=start_key,
-      mesh=mesh,
-    )
-    retain_only = tuned_model(
-      "retain", data.retain, tok, cfg, cache, log, init=start, init_key=start_key, mesh=mesh
-    )
-    del start
-  timings["models_s"] = time.perf_counter() - t0
+  """Runs the experiment of ``cfg`` (its ``--task``) and writes the report; returns results.json."""
+  from dualoptim_jax.unlearn.tasks.job import run_task
 
-  def evaluate(model, retain_only_ratios=None):
-    return metrics.evaluate(
-      model,
-      tok,
-      data,
-      retain_only_truth_ratios=retain_only_ratios,
-      max_new_tokens=cfg.max_new_tokens,
-      max_len=cfg.max_len,
-      max_items=cfg.eval_items,
-      progress=cfg.progress,
-    )
-
-  t0 = time.perf_counter()
-  reference = evaluate(retain_only)
-  ratios = np.asarray(reference["per_item"]["forget"]["truth_ratio"])
-  results: dict[str, list[dict[str, Any]]] = {
-    "Initial": [evaluate(base, ratios)],
-    "Retain-only": [evaluate(retain_only, ratios)],
-  }
-  timings["reference_eval_s"] = time.perf_counter() - t0
-
-  objective = make_objective(cfg.loss, cfg.forget_coef, cfg.retain_coef, cfg.beta)
-  forget_updates = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.forget) / cfg.batch_size))
-  presets = [p for p in cfg.presets if preset_available(p)]
-  skipped = [p for p in cfg.presets if p not in presets]
-  for p in skipped:
-    log(f"[{p}] skipped: this build of dualoptim_jax cannot construct it yet (8-bit states)")
-  if not presets:
-    raise SystemExit("none of the requested presets can be built; see the messages above")
-
-  histories: dict[str, list[dict[str, Any]]] = {}
-  for preset in presets:
-    results[preset], histories[preset] = [], []
-    t0 = time.perf_counter()
-    for seed in cfg.seeds:
-      forget = D.tokenize_unlearning_set(
-        tok, data.forget, data.idk_answers, cfg.max_len, seed=2 * seed
-      )
-      retain = D.tokenize_unlearning_set(
-        tok, data.retain, data.idk_answers, cfg.max_len, seed=2 * seed + 1
-      )
-      out = checkpointed_unlearn(
-        base,
-        objective,
-        D.BatchIterator(forget, cfg.batch_size, seed=2 * seed),
-        D.BatchIterator(retain, cfg.batch_size, seed=2 * seed + 1),
-        preset=preset,
-        learning_rate=cfg.lr,
-        num_updates=num_updates(preset, forget_updates, cfg),
-        forget_lr_scale=cfg.forget_lr_scale,
-        retain_lr_scale=cfg.retain_lr_scale,
-        weight_decay=cfg.weight_decay,
-        forget_steps=cfg.forget_steps,
-        retain_steps=cfg.retain_steps,
-        progress=cfg.progress,
-        mesh=mesh,
-        log=log,
-        checkpoint_dir=None
-        if cfg.checkpoint_dir is None
-        else Path(cfg.checkpoint_dir) / preset / f"seed{seed}",
-        every=cfg.checkpoint_every,
-        keep=cfg.keep_checkpoints,
-        resume=cfg.resume,
-        fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
-      )
-      res = evaluate(out.model, ratios)
-      res["seed"] = seed
-      results[preset].append(res)
-      histories[preset].append(out.history.series())
-      log(
-        f"[{preset} seed {seed}] forget prob {res['forget_prob']:.3f}, UFE {res['forget_efficacy']:.3f}, "
-        f"MU {res['model_utility']:.3f}, FQ {res['forget_quality']:.3g}"
-      )
-    timings[f"{preset}_s"] = time.perf_counter() - t0
-
-  timings["total_s"] = time.perf_counter() - t_start
-  config = {
-    **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
-    "data": data.summary(),
-    "forget_updates": forget_updates,
-    "presets_run": presets,
-    "presets_skipped": skipped,
-    "tokenizer_vocab": tok.vocab_size,
-    "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, jax devices {jax.devices()}",
-    "timings": {k: round(v, 1) for k, v in timings.items()},
-  }
-  files = report.write_report(
-    cfg.out,
-    results,
-    loss_histories=histories,
-    config=config,
-    title=f"Unlearning {data.name} with {objective.name}",
-  )
-  log(f"wrote {files.json}, {files.markdown}, {files.plot} in {timings['total_s']:.0f}s")
-  return json.loads(files.json.read_text())
+  return run_task(make_task(cfg), cfg, log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,14 +138,19 @@ _LEGEND = (
 )
 
 
+LEGEND = _LEGEND  # the TOFU table's legend (tasks with other columns pass their own)
+
+
 def render_markdown(
   results: Mapping[str, Sequence[Mapping[str, Any]]],
   *,
   title: str = "Unlearning results",
   config: Mapping[str, Any] | None = None,
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
+  legend: str = _LEGEND,
 ) -> str:
   """The whole results.md: title, table, legend, included components and the run configuration."""
-  parts = [f"# {title}", markdown_table(results), _LEGEND]
+  parts = [f"# {title}", markdown_table(results, columns), legend]
   note = _components_note(_components(results))
   if note:
     parts.append(note)
@@ -178,6 +183,7 @@ def results_json(
   *,
   loss_histories: Mapping[str, Sequence[Any]] | None = None,
   config: Mapping[str, Any] | None = None,
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
 ) -> dict[str, Any]:
   """The results.json document: per row the seeds' metrics (per-item lists dropped) and their mean/std."""
   rows = {}
@@ -189,7 +195,7 @@ def results_json(
       "std": {k: s.std for k, s in stats.items()},
     }
   doc = {
-    "columns": [key for key, _ in TABLE_COLUMNS],
+    "columns": [key for key, _ in columns],
     "components": _components(results),
     "config": dict(config or {}),
     "rows": rows,
@@ -300,6 +306,8 @@ def write_report(
   config: Mapping[str, Any] | None = None,
   title: str = "Unlearning results",
   echo: bool = True,
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
+  legend: str = _LEGEND,
 ) -> ReportFiles:
   """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created).
 
@@ -312,6 +320,8 @@ def write_report(
     config: run settings recorded in both the JSON and the markdown.
     title: markdown heading.
     echo: print the table (with its legend) to stdout.
+    columns: ``(result key, header)`` of the table and the plot (default: the TOFU columns).
+    legend: the text under the table.
   """
   if not results:
     raise ValueError("results is empty: nothing to report")
@@ -321,13 +331,13 @@ def write_report(
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   files = ReportFiles(out / "results.json", out / "results.md", out / "results.png")
-  doc = results_json(results, loss_histories=loss_histories, config=config)
+  doc = results_json(results, loss_histories=loss_histories, config=config, columns=columns)
   files.json.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-  markdown = render_markdown(results, title=title, config=config)
+  markdown = render_markdown(results, title=title, config=config, columns=columns, legend=legend)
   files.markdown.write_text(markdown)
-  plot_results(files.plot, results, loss_histories)
+  plot_results(files.plot, results, loss_histories, columns)
   if echo:
-    print(markdown_table(results))
+    print(markdown_table(results, columns))
     print()
-    print(_LEGEND)
+    print(legend)
   return files
