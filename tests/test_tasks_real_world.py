@@ -11,7 +11,7 @@ from dualoptim_jax.unlearn.tasks import real_world as RW
 
 TINY = [
   "--model-size", "tiny", "--finetune-steps", "10", "--steps", "2", "--eval-items", "3",
-  "--max-new-tokens", "4", "--vocab-size", "300", "--max-len", "64", "--seeds", "0",
+  "--max-new-tokens", "4", "--vocab-size", "1024", "--max-len", "96", "--seeds", "0",
   "--no-progress",
 ]  # fmt: skip
 
@@ -44,6 +44,7 @@ def test_task_adds_downstream_columns(shared_data, tmp_path):
   assert keys[-1] == "downstream_gsm8k" and "forget_efficacy" in keys and "overall" in keys
 
 
+@pytest.mark.slow  # ~2 min on a loaded 2-core CPU
 def test_tiny_real_world_run_writes_ufe_mu_ovr(shared_data, tmp_path):
   gsm = shared_data / "downstream" / "gsm8k_test.jsonl"
   argv = TINY + [

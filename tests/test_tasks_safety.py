@@ -107,6 +107,7 @@ def test_safety_task_needs_data_dir():
     cli.parse_args(["--task", "safety"])
 
 
+@pytest.mark.slow  # ~2 min on a loaded 2-core CPU
 def test_tiny_safety_run_writes_its_columns(shared_data, tmp_path):
   argv = TINY + [
     "--task", "safety", "--data-dir", str(shared_data), "--presets", "alternate,dualoptim_plus",

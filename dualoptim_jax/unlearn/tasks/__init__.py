@@ -7,7 +7,7 @@ task unchanged. The job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`) drive
 :class:`Task`:
 
 1. ``corpus()`` -- texts a built-in model's tokenizer is trained on;
-2. ``initial_models(tune, start)`` -- the rows evaluated before training (``"Initial"`` first, the
+2. ``initial_models(tune, start, tok)`` -- the rows evaluated before training (``"Initial"`` first, the
    model every run starts from), fine-tuned through ``tune(kind, items)`` where the task needs it;
 3. ``prepare(tok, rows)`` -- anything the evaluation needs from those rows (e.g. the retain-only
    model's truth ratios for forget quality);
@@ -61,7 +61,7 @@ class Task(abc.ABC):
     """Every text the task uses (a built-in model's tokenizer is trained on it)."""
 
   @abc.abstractmethod
-  def initial_models(self, tune: Tuner, start: Any) -> dict[str, Any]:
+  def initial_models(self, tune: Tuner, start: Any, tok: Any) -> dict[str, Any]:
     """Rows evaluated before training, ``"Initial"`` first (the start of every run).
 
     ``start`` is the pretrained model of ``--model``, or None for a built-in model (then the

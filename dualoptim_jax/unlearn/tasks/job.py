@@ -79,7 +79,7 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
       kind, items, tok, cfg, cache, log, init=start, init_key=start_key, mesh=mesh
     )
 
-  rows = task.initial_models(tune, start)
+  rows = task.initial_models(tune, start, tok)
   base = rows["Initial"]
   timings["models_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()

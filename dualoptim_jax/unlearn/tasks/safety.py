@@ -177,10 +177,18 @@ class SafetyTask(Task):
   def corpus(self) -> list[str]:
     return self.data.texts()
 
-  def initial_models(self, tune: Tuner, start: Any) -> dict[str, Any]:
+  def initial_models(self, tune: Tuner, start: Any, tok: Any) -> dict[str, Any]:
     if start is not None:  # an instruct model: evaluated as it is
       return {"Initial": start}
-    items = [D.QAItem(it.prompt, it.output) for it in self.data.seeds_train]
+    # The plain format's fine-tune needs room for an answer: skip prompts too long for --max-len.
+    fmt = formats.plain_format(tok)
+    items = [
+      D.QAItem(it.prompt, it.output)
+      for it in self.data.seeds_train
+      if len(fmt.prompt(it.prompt)) <= self.cfg.max_len - 8
+    ]
+    if not items:
+      raise ValueError(f"--max-len {self.cfg.max_len} leaves no seed task room for an answer")
     return {"Initial": tune("instruct", items)}
 
   def prepare(self, tok: Any, rows: Any) -> None:

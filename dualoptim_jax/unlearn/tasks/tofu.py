@@ -70,7 +70,8 @@ class UnlearningTask(Task):
     """Items a built-in model also learns, standing in for a pretrained model's knowledge."""
     return self.data.real_authors + self.data.world_facts
 
-  def initial_models(self, tune: Tuner, start: Any) -> dict[str, Any]:
+  def initial_models(self, tune: Tuner, start: Any, tok: Any) -> dict[str, Any]:
+    del tok
     general = self.general_knowledge() if start is None else []
     data = self.data
     return {
