@@ -3,7 +3,7 @@
 Tokenizer and starting model (built-in: a byte-level BPE trained on the task's texts and a Llama
 of ``--model-size``; ``--model``: the checkpoint's own), the task's initial rows, then every
 preset in ``--presets`` and seed in ``--seeds`` from the ``Initial`` model through
-:func:`~dualoptim_jax.unlearn.checkpoint.checkpointed_unlearn` (the same trainer, presets,
+:func:`~dualoptim_jax.unlearn.trainer.unlearn` (the same trainer, presets,
 schedule and checkpoints as the TOFU job), the task's evaluation of each run, and the report
 with the task's columns (results.md / results.json / results.png in ``--out``).
 """
@@ -25,9 +25,9 @@ import jax
 from dualoptim_jax import sharding
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import pretrained, report
-from dualoptim_jax.unlearn.checkpoint import checkpointed_unlearn
+from dualoptim_jax.unlearn.checkpoint import RunCheckpointer
 from dualoptim_jax.unlearn.tasks import Task
-from dualoptim_jax.unlearn.trainer import preset_available
+from dualoptim_jax.unlearn.trainer import unlearn
 
 __all__ = ["run_task"]
 
@@ -68,6 +68,8 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   log(task.summary())
   cache = cli._cache_dir(cfg)
   mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
+  if mesh is not None:
+    log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   start, tok, start_key = _start(task, cfg, cache, log)
@@ -94,20 +96,25 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   forget_updates = cfg.steps or max(
     1, math.ceil(cfg.epochs * task.objective0_size / cfg.batch_size)
   )
-  presets = [p for p in cfg.presets if preset_available(p)]
-  skipped = [p for p in cfg.presets if p not in presets]
-  for p in skipped:
-    log(f"[{p}] skipped: this build of dualoptim_jax cannot construct it yet (8-bit states)")
-  if not presets:
-    raise SystemExit("none of the requested presets can be built; see the messages above")
-
+  presets = list(cfg.presets)
   histories: dict[str, list[dict[str, Any]]] = {}
   for preset in presets:
     results[preset], histories[preset] = [], []
     t0 = time.perf_counter()
     for seed in cfg.seeds:
       batches0, batches1 = task.batches(tok, seed)
-      out = checkpointed_unlearn(
+      path = _checkpoint_dir(cfg, task, preset, seed)
+      checkpointer = None
+      if path is not None:
+        checkpointer = RunCheckpointer(
+          path,
+          every=cfg.checkpoint_every,
+          keep=cfg.keep_checkpoints,
+          resume=cfg.resume,
+          fingerprint_extra=_fingerprint(cli, cfg, task, tok, seed),
+          log=log,
+        )
+      out = unlearn(
         base,
         task.objective,
         batches0,
@@ -115,19 +122,14 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
         preset=preset,
         learning_rate=cfg.lr,
         num_updates=cli.num_updates(preset, forget_updates, cfg),
-        forget_lr_scale=cfg.forget_lr_scale,
-        retain_lr_scale=cfg.retain_lr_scale,
-        weight_decay=cfg.weight_decay,
         forget_steps=cfg.forget_steps,
         retain_steps=cfg.retain_steps,
         progress=cfg.progress,
         mesh=mesh,
-        log=log,
-        checkpoint_dir=_checkpoint_dir(cfg, task, preset, seed),
-        every=cfg.checkpoint_every,
-        keep=cfg.keep_checkpoints,
-        resume=cfg.resume,
-        fingerprint_extra=_fingerprint(cli, cfg, task, tok, seed),
+        checkpointer=checkpointer,
+        forget_lr_scale=cfg.forget_lr_scale,
+        retain_lr_scale=cfg.retain_lr_scale,
+        weight_decay=cfg.weight_decay,
       )
       res = task.evaluate(out.model, tok)
       res["seed"] = seed
@@ -143,7 +145,6 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
     "objective": task.objective.name,
     "forget_updates": forget_updates,
     "presets_run": presets,
-    "presets_skipped": skipped,
     "tokenizer_vocab": tok.vocab_size,
     "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
     f"jax devices {jax.devices()}",
