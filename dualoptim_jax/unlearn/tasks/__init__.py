@@ -93,7 +93,7 @@ class Task(abc.ABC):
   def describe_run(self, result: Mapping[str, Any]) -> str:
     """One log line for a finished run (default: the columns' values)."""
     return ", ".join(
-      f"{title.split(' ')[0]} {result[key]:.3f}"
+      f"{title.rstrip(' ↑↓')} {result[key]:.3f}"
       for key, title in self.columns
       if isinstance(result.get(key), float)
     )

@@ -281,9 +281,3 @@ class SafetyTask(Task):
     out["prompt_format"] = fmt.name
     out["per_item"] = per_item
     return out
-
-  def describe_run(self, result: Any) -> str:
-    return (
-      f"safety {result['safety']:.3f}, XSTest safe {result['xstest_safe_refusal']:.3f}, "
-      f"utility {result['utility']:.3f}, OVR {result['overall']:.3f}"
-    )
