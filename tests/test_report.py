@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dualoptim_jax.unlearn import report as R
+from dualoptim_jax.unlearn.jsonable import jsonable
 
 COMPONENTS = {
   "model_utility": ["retain_prob", "retain_rouge"],
@@ -138,7 +139,7 @@ def test_plot_without_histories(tmp_path):
 
 
 def test_jsonable_numpy_and_nan():
-  doc = R._jsonable(
+  doc = jsonable(
     {
       "a": np.float32(0.5),
       "b": np.array([1, 2]),

@@ -1,7 +1,5 @@
 """Tests for dualoptim_jax.unlearn.trainer: presets, modes, determinism, resume, end to end."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-import dualoptim_jax as dj
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
 from dualoptim_jax.unlearn import trainer as T
+from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 
 V, LEN = 11, 8
 
@@ -82,23 +80,12 @@ def test_preset_table_is_the_papers_six_settings():
 
 
 @pytest.mark.parametrize("name", list(T.PRESETS))
-def test_every_preset_builds_or_says_what_is_missing(name):
-  spec = T.PRESETS[name]
-  factory = getattr(dj, spec.optimizer, None)
-  supported = spec.optimizer == "adamw" or (
-    factory is not None
-    and (spec.state_bits == 32 or "state_bits" in inspect.signature(factory).parameters)
-  )
-  if supported:
-    tx = T.make_optimizer(name, 1e-3, forget_lr_scale=2.0)
-    assert isinstance(tx, optax.GradientTransformationExtraArgs)
-    assert T.preset_available(name)
-  else:
-    with pytest.raises(
-      NotImplementedError, match=f"preset '{name}' needs dualoptim_jax.{spec.optimizer}"
-    ):
-      T.make_optimizer(name, 1e-3)
-    assert not T.preset_available(name)
+def test_every_preset_builds(name):
+  tx = T.make_optimizer(name, 1e-3, forget_lr_scale=2.0)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  config = T.optimizer_config(name, 1e-3, forget_lr_scale=2.0)
+  assert config["state_bits"] == T.PRESETS[name].state_bits and config["forget_lr_scale"] == 2.0
+  assert config["weight_decay"] == 0.01  # defaults are filled in
 
 
 # --------------------------------------------------------------------------- modes
@@ -238,7 +225,7 @@ def tuned():
   from dualoptim_jax.models.llama import Llama, LlamaConfig
   from dualoptim_jax.models.tokenizer import Tokenizer
 
-  data = D.synthetic_tofu(seed=0, n_authors=8, qa_per_author=5, forget_fraction=0.25)
+  data = synthetic_tofu(seed=0, n_authors=8, qa_per_author=5, forget_fraction=0.25)
   tok = Tokenizer.train(
     [f"{it.question} {it.answer}" for it in data.forget + data.retain] + data.idk_answers,
     vocab_size=400,

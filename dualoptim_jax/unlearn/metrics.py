@@ -187,7 +187,7 @@ def option_normalized_probs(
   true = np.asarray(true_avg_logprob, np.float64)
   pert = np.asarray(perturbed_avg_logprob, np.float64)
   options = np.concatenate([true[:, None], np.where(np.isnan(pert), -np.inf, pert)], axis=1)
-  return np.exp(true - special.logsumexp(options, axis=1))
+  return np.exp(true - np.asarray(special.logsumexp(options, axis=1)))
 
 
 _ROUGE_SCORER: Any = None
@@ -249,7 +249,7 @@ def forget_quality(truth_ratios_: np.ndarray, retain_only_truth_ratios: np.ndarr
   b = np.asarray(retain_only_truth_ratios, np.float64)
   if a.size == 0 or b.size == 0:
     raise ValueError(f"forget_quality needs non-empty samples, got sizes {a.size} and {b.size}")
-  res = stats.ks_2samp(a, b)
+  res: Any = stats.ks_2samp(a, b)
   return KSResult(pvalue=float(res.pvalue), statistic=float(res.statistic))
 
 
@@ -653,7 +653,7 @@ def model_fns(
       tokenizer.encode(PROMPT_TEMPLATE.format(question=q), add_bos=True) for q in questions
     ]
     out = greedy_generate(
-      model,
+      model,  # pyright: ignore[reportArgumentType]  (any module with Llama's decode API)
       _pad_rows(prompts),
       max_new_tokens=max_new_tokens,
       eos_id=tokenizer.eos_id,

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dualoptim_jax.unlearn.jsonable import jsonable
+
 # (result key, column header) of the Table-1-style summary.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
   ("forget_prob", "Forget Prob. ↓"),
@@ -154,25 +156,6 @@ def render_markdown(
   return "\n\n".join(parts) + "\n"
 
 
-def _jsonable(x: Any) -> Any:
-  """Plain-JSON copy: numpy scalars/arrays to Python, NaN/inf to null (strict JSON has no NaN)."""
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (bool, np.bool_)):
-    return bool(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(x) else None
-  if x is None or isinstance(x, str):
-    return x
-  return str(x)
-
-
 def results_json(
   results: Mapping[str, Sequence[Mapping[str, Any]]],
   *,
@@ -195,7 +178,7 @@ def results_json(
     "rows": rows,
     "loss_histories": _histories(loss_histories),
   }
-  return _jsonable(doc)
+  return jsonable(doc)
 
 
 def _histories(

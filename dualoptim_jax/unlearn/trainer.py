@@ -24,8 +24,9 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +37,19 @@ from tqdm.auto import tqdm
 
 import dualoptim_jax as dj
 from dualoptim_jax.sharding import Placement
-from dualoptim_jax.unlearn.losses import Objective, masked_nll
+from dualoptim_jax.unlearn.jsonable import float_or_nan
+from dualoptim_jax.unlearn.losses import UnlearningLoss, masked_nll
 
 __all__ = [
   "Preset",
   "PRESETS",
   "make_optimizer",
-  "preset_available",
+  "optimizer_config",
   "LossHistory",
   "Unlearner",
   "UnlearnResult",
+  "CheckpointedRun",
+  "run_config",
   "unlearn",
   "FinetuneResult",
   "finetune",
@@ -138,32 +142,30 @@ def make_optimizer(
       optax.add_decayed_weights(weight_decay),
       dj.scale_by_objective_learning_rate(learning_rate, lr_scales=scales, num_objectives=2),
     )
-  factory = getattr(dj, spec.optimizer, None)
-  if factory is None:
-    raise NotImplementedError(
-      f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}, which this build lacks"
-    )
-  kwargs: dict[str, Any] = dict(weight_decay=weight_decay, num_objectives=2, lr_scales=scales)
-  if spec.state_bits != 32:
-    if "state_bits" not in inspect.signature(factory).parameters:
-      raise NotImplementedError(
-        f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}(state_bits={spec.state_bits}), "
-        "which this build does not support yet"
-      )
-    kwargs["state_bits"] = spec.state_bits
-  return factory(learning_rate, **kwargs)
+  factory = {"dualoptim": dj.dualoptim, "dualoptim_plus": dj.dualoptim_plus}[spec.optimizer]
+  return factory(
+    learning_rate,
+    weight_decay=weight_decay,
+    num_objectives=2,
+    lr_scales=scales,
+    state_bits=spec.state_bits,
+  )
+
+
+def optimizer_config(preset: str, learning_rate: Any, **settings: Any) -> dict[str, Any]:
+  """Everything :func:`make_optimizer` builds from these arguments, defaults filled in, as data.
+
+  ``{"preset", "optimizer", "state_bits", "learning_rate", ...}``: what a report records and a
+  checkpoint's fingerprint compares. Read off :func:`make_optimizer`'s signature, so a setting
+  added there appears here without being named twice.
+  """
+  bound = inspect.signature(make_optimizer).bind(preset, learning_rate, **settings)
+  bound.apply_defaults()
+  spec = PRESETS[preset]
+  return {"optimizer": spec.optimizer, "state_bits": spec.state_bits, **bound.arguments}
 
 
 _cached_optimizer = functools.lru_cache(maxsize=32)(make_optimizer)
-
-
-def preset_available(preset: str) -> bool:
-  """Whether :func:`make_optimizer` can build ``preset`` with this build of dualoptim_jax."""
-  try:
-    make_optimizer(preset, 1e-3)
-  except NotImplementedError:
-    return False
-  return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,13 +260,30 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
 class LossHistory(NamedTuple):
   """Per-update losses (unweighted); ``nan`` where a loss was not computed.
 
-  ``objective`` is 0 (forget update), 1 (retain update) or -1 (joint update).
+  ``objective`` is 0 (forget update), 1 (retain update) or -1 (joint update). Built from rows
+  ``(update, objective, forget, retain)`` by :meth:`from_rows` only; :meth:`rows` gives them back.
   """
 
   update: np.ndarray  # int64 (N,)
   objective: np.ndarray  # int64 (N,)
   forget: np.ndarray  # float64 (N,)
   retain: np.ndarray  # float64 (N,)
+
+  @classmethod
+  def from_rows(cls, rows: Sequence[Sequence[Any]]) -> LossHistory:
+    """From ``[update, objective, forget, retain]`` rows; a ``None`` loss (JSON) reads as NaN."""
+    cols = list(zip(*rows)) if rows else [(), (), (), ()]
+    losses = lambda col: np.asarray([float_or_nan(v) for v in col], np.float64)
+    return cls(
+      np.asarray(cols[0], np.int64), np.asarray(cols[1], np.int64), losses(cols[2]), losses(cols[3])
+    )
+
+  def rows(self) -> list[list[Any]]:
+    """``[update, objective, forget, retain]`` per update (NaN where not computed)."""
+    return [
+      [int(u), int(k), float(f), float(r)]
+      for u, k, f, r in zip(self.update, self.objective, self.forget, self.retain)
+    ]
 
   def series(self) -> dict[str, list[tuple[int, float]]]:
     """``{"forget": [(update, loss), ...], "retain": [...]}`` without the ``nan`` entries."""
@@ -282,11 +301,11 @@ class _ObjectiveLoss:
   ``batches = (forget, retain)``); returns (weighted loss to descend, unweighted losses). Frozen
   and hashable, so equal objectives share a compiled step."""
 
-  objective: Objective
+  loss: UnlearningLoss
   which: int | None
 
   def __call__(self, fn, ref_fn, batches):
-    obj = self.objective
+    obj = self.loss
     if self.which == FORGET:
       lf = obj.forget_loss(fn, ref_fn, batches)
       return obj.forget_coef * lf, {"forget": lf}
@@ -299,11 +318,11 @@ class _ObjectiveLoss:
 
 
 class Unlearner:
-  """Runs an :class:`~dualoptim_jax.unlearn.losses.Objective` with an optax transform.
+  """Runs an :class:`~dualoptim_jax.unlearn.losses.UnlearningLoss` with an optax transform.
 
   Args:
     model: the model to unlearn (not modified; see :attr:`model`).
-    objective: from :func:`~dualoptim_jax.unlearn.losses.make_objective`.
+    loss: from :func:`~dualoptim_jax.unlearn.losses.make_objective`.
     tx: any optax transform; in ``alternate`` mode it receives ``objective=k``.
     mode: ``"joint"`` or ``"alternate"``.
     forget_steps, retain_steps: ``F_f``, ``F_r`` >= 1 of the alternating schedule.
@@ -318,7 +337,7 @@ class Unlearner:
   def __init__(
     self,
     model: nnx.Module,
-    objective: Objective,
+    loss: UnlearningLoss,
     tx: optax.GradientTransformation,
     *,
     mode: str = "alternate",
@@ -330,19 +349,20 @@ class Unlearner:
     if mode not in ("joint", "alternate"):
       raise ValueError(f"mode must be 'joint' or 'alternate', got {mode!r}")
     self.schedule = dj.alternating(forget_steps, retain_steps)  # validates the frequencies
-    self.objective = objective
+    self.loss = loss
     self.mode = mode
     self.forget_steps, self.retain_steps = forget_steps, retain_steps
     self._core = _Core(model, tx, mesh)
     self.ref_params = None
-    if objective.needs_reference:
+    if loss.needs_reference:
       ref = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
       self.ref_params = self._core.placement.like_params(ref)
     self.update_count = 0
+    self._rows: list[list[Any]] = []  # LossHistory rows of every update so far
 
   def objective_at(self, update: int) -> int | None:
     """0 / 1 for the forget / retain objective of update ``update``; None in joint mode."""
-    return None if self.mode == "joint" else self.schedule(update)
+    return None if self.mode == "joint" else int(self.schedule(update))
 
   def step(
     self, forget_batches: Iterator[Batch], retain_batches: Iterator[Batch]
@@ -350,19 +370,24 @@ class Unlearner:
     """One optimizer update, drawing the batches it needs; returns its unweighted losses."""
     k = self.objective_at(self.update_count)
     if k is None:
-      aux = self._core.step(
-        _ObjectiveLoss(self.objective, None),
-        (),
-        self.ref_params,
-        (next(forget_batches), next(retain_batches)),
-      )
+      batches = (next(forget_batches), next(retain_batches))
+      aux = self._core.step(_ObjectiveLoss(self.loss, None), (), self.ref_params, batches)
     else:
       batch = next(forget_batches) if k == FORGET else next(retain_batches)
       aux = self._core.step(
-        _ObjectiveLoss(self.objective, k), (("objective", k),), self.ref_params, batch
+        _ObjectiveLoss(self.loss, k), (("objective", k),), self.ref_params, batch
       )
+    losses = {name: float(v) for name, v in aux.items()}
+    self._rows.append(
+      [
+        self.update_count,
+        -1 if k is None else k,
+        losses.get("forget", math.nan),
+        losses.get("retain", math.nan),
+      ]
+    )
     self.update_count += 1
-    return {name: float(v) for name, v in aux.items()}
+    return losses
 
   def run(
     self,
@@ -376,38 +401,30 @@ class Unlearner:
   ) -> LossHistory:
     """``num_updates`` calls of :meth:`step`, with a progress bar showing both losses.
 
-    ``on_update(update, losses)`` runs after each update (e.g. to checkpoint).
+    ``on_update(update, losses)`` runs after each update (e.g. to checkpoint). Returns the
+    history of these updates (:attr:`history` has every update since the start).
     """
     if num_updates < 0:
       raise ValueError(f"num_updates must be >= 0, got {num_updates}")
-    rows = []
+    first = len(self._rows)
     last = {"forget": math.nan, "retain": math.nan}
     with _progress(num_updates, desc, progress) as bar:
       for _ in range(num_updates):
-        update, k = self.update_count, self.objective_at(self.update_count)
+        update = self.update_count
         losses = self.step(forget_batches, retain_batches)
         last.update(losses)
-        rows.append(
-          (
-            update,
-            -1 if k is None else k,
-            losses.get("forget", math.nan),
-            losses.get("retain", math.nan),
-          )
-        )
         bar.set_postfix(
           forget=f"{last['forget']:.4g}", retain=f"{last['retain']:.4g}", refresh=False
         )
         bar.update()
         if on_update is not None:
           on_update(update, losses)
-    cols = list(zip(*rows)) if rows else [(), (), (), ()]
-    return LossHistory(
-      np.asarray(cols[0], np.int64),
-      np.asarray(cols[1], np.int64),
-      np.asarray(cols[2], np.float64),
-      np.asarray(cols[3], np.float64),
-    )
+    return LossHistory.from_rows(self._rows[first:])
+
+  @property
+  def history(self) -> LossHistory:
+    """The losses of every update since the start (restored ones included)."""
+    return LossHistory.from_rows(self._rows)
 
   @property
   def model(self) -> nnx.Module:
@@ -424,7 +441,8 @@ class Unlearner:
     return self._core.opt_state
 
   def state_dict(self) -> dict[str, Any]:
-    """``{"params", "opt_state", "update"}``: what a checkpoint needs besides the batch iterators.
+    """``{"params", "opt_state", "update", "history"}``: what a checkpoint needs besides the batch
+    iterators (``history``: :meth:`LossHistory.rows` of every update so far).
 
     The arrays are copies: the live ones are donated to the next step.
     """
@@ -433,6 +451,7 @@ class Unlearner:
       "params": copy(self._core.params),
       "opt_state": copy(self._core.opt_state),
       "update": self.update_count,
+      "history": [list(r) for r in self._rows],
     }
 
   def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -447,46 +466,94 @@ class Unlearner:
     self._core.params = self._core.placement.put(state["params"], "params")
     self._core.opt_state = self._core.placement.put(state["opt_state"], "opt_state")
     self.update_count = int(state["update"])
+    self._rows = LossHistory.from_rows(state.get("history", [])).rows()
+
+
+class CheckpointedRun(Protocol):
+  """What :func:`unlearn` needs of a ``checkpointer`` (e.g.
+  :class:`dualoptim_jax.unlearn.checkpoint.RunCheckpointer`): it drives the run itself."""
+
+  def run(
+    self,
+    unlearner: Unlearner,
+    forget_batches: Iterator[Batch],
+    retain_batches: Iterator[Batch],
+    num_updates: int,
+    *,
+    config: Mapping[str, Any],
+    progress: bool,
+    desc: str,
+  ) -> LossHistory:
+    """Runs ``unlearner`` to ``num_updates`` updates in all; ``config`` is the run's
+    :func:`run_config`. Returns the history of every update."""
+    ...
 
 
 class UnlearnResult(NamedTuple):
   model: nnx.Module
   history: LossHistory
+  config: dict[str, Any]  # run_config: preset, optimizer, loss and schedule settings
+
+
+def run_config(
+  preset: str,
+  loss: UnlearningLoss,
+  forget_steps: int,
+  retain_steps: int,
+  optimizer: Mapping[str, Any],
+) -> dict[str, Any]:
+  """The settings that make an unlearning run what it is, besides the model and the data."""
+  return {
+    "preset": preset,
+    "optimizer": dict(optimizer),
+    "loss": loss,
+    "schedule": {
+      "mode": PRESETS[preset].mode,
+      "forget_steps": forget_steps,
+      "retain_steps": retain_steps,
+    },
+  }
 
 
 def unlearn(
   model: nnx.Module,
-  objective: Objective,
+  loss: UnlearningLoss,
   forget_batches: Iterator[Batch],
   retain_batches: Iterator[Batch],
   *,
   preset: str = "dualoptim_plus",
   learning_rate: optax.ScalarOrSchedule = 1e-5,
   num_updates: int,
-  forget_lr_scale: float = 1.0,
-  retain_lr_scale: float = 1.0,
-  weight_decay: float = 0.01,
   forget_steps: int = 1,
   retain_steps: int = 5,
   ref_model: nnx.Module | None = None,
   progress: bool = True,
   mesh: Any = None,
+  checkpointer: CheckpointedRun | None = None,
+  **optimizer_settings: Any,
 ) -> UnlearnResult:
   """Unlearns with a named preset: :func:`make_optimizer` + :class:`Unlearner` + ``run``.
 
-  Returns a new model and the loss history; ``model`` is left as it was.
+  ``optimizer_settings`` are :func:`make_optimizer`'s keywords (``forget_lr_scale``,
+  ``weight_decay``, ...). With a ``checkpointer`` (:class:`~dualoptim_jax.unlearn.checkpoint.
+  RunCheckpointer`) the run saves and resumes through it. Returns a new model, the loss history
+  and the run's settings (:func:`run_config`); ``model`` is left as it was.
   """
   # The same transform object for the same settings: runs that differ only in seed share compiled steps.
-  kwargs = dict(
-    forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale, weight_decay=weight_decay
-  )
   try:
-    tx = _cached_optimizer(preset, learning_rate, **kwargs)
+    tx = _cached_optimizer(preset, typing.cast(Any, learning_rate), **optimizer_settings)
   except TypeError:  # an unhashable learning rate (e.g. an array): build a fresh transform
-    tx = make_optimizer(preset, learning_rate, **kwargs)
+    tx = make_optimizer(preset, learning_rate, **optimizer_settings)
+  config = run_config(
+    preset,
+    loss,
+    forget_steps,
+    retain_steps,
+    optimizer_config(preset, learning_rate, **optimizer_settings),
+  )
   runner = Unlearner(
     model,
-    objective,
+    loss,
     tx,
     mode=PRESETS[preset].mode,
     forget_steps=forget_steps,
@@ -494,8 +561,21 @@ def unlearn(
     ref_model=ref_model,
     mesh=mesh,
   )
-  history = runner.run(forget_batches, retain_batches, num_updates, progress=progress, desc=preset)
-  return UnlearnResult(runner.model, history)
+  if checkpointer is None:
+    history = runner.run(
+      forget_batches, retain_batches, num_updates, progress=progress, desc=preset
+    )
+  else:
+    history = checkpointer.run(
+      runner,
+      forget_batches,
+      retain_batches,
+      num_updates,
+      config=config,
+      progress=progress,
+      desc=preset,
+    )
+  return UnlearnResult(runner.model, history, config)
 
 
 # ------------------------------------------------------------------------------------------------
