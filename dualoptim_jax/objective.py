@@ -61,11 +61,15 @@ def is_static(objective: Any) -> bool:
 def check_objective(objective: Any, num_objectives: int) -> Objective:
   """Validates ``objective`` and returns it as an int or an int32 scalar array.
 
+  With one objective (``adamw_8bit``, any K = 1 instance) the argument is
+  ignored, whatever it is, as ``optax`` transforms ignore it: a single-state
+  optimizer can sit in a multi-objective loop unchanged.
+
   Raises:
     ValueError: if the objective is missing, not an integer scalar, or (when
       its value is known, eagerly or statically) outside ``[0, num_objectives)``.
   """
-  if objective is None and num_objectives == 1:
+  if num_objectives == 1:
     return 0
   if objective is None:
     raise ValueError(

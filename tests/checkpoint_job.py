@@ -32,7 +32,7 @@ OPTIMIZERS = {
   "dualoptim": lambda: dj.dualoptim(1e-3, weight_decay=0.01),
   # 8-bit codes for every moment of the tiny model (block 4: whole blocks per fsdp=8 shard).
   "dualoptim_plus_8bit": lambda: dj.dualoptim_plus(
-    1e-3, weight_decay=0.01, state_bits=8, block_size=4, min_8bit_size=0
+    1e-3, weight_decay=0.01, storage=dj.state_storage(state_bits=8, block_size=4, min_8bit_size=0)
   ),
 }
 

@@ -33,7 +33,9 @@ BLOCK = 8  # 8-bit block size: the fsdp=4 shards of the 32-wide last axes hold w
 OPTIMIZERS = {
   "dualoptim_plus": lambda: dj.dualoptim_plus(1e-3, weight_decay=0.01),
   "dualoptim_plus_8bit": lambda: dj.dualoptim_plus(
-    1e-3, weight_decay=0.01, state_bits=8, block_size=BLOCK, min_8bit_size=0
+    1e-3,
+    weight_decay=0.01,
+    storage=dj.state_storage(state_bits=8, block_size=BLOCK, min_8bit_size=0),
   ),
   "dualoptim": lambda: dj.dualoptim(1e-3, weight_decay=0.01),
   "adamw": lambda: optax.with_extra_args_support(optax.adamw(1e-3)),  # any optax state

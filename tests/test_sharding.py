@@ -143,7 +143,9 @@ def _specs_by_path(tree):
     ("dualoptim", lambda: dj.dualoptim(1e-3)),
     (
       "dualoptim_plus_8bit",
-      lambda: dj.dualoptim_plus(1e-3, state_bits=8, block_size=4, min_8bit_size=0),
+      lambda: dj.dualoptim_plus(
+        1e-3, storage=dj.state_storage(state_bits=8, block_size=4, min_8bit_size=0)
+      ),
     ),
   ],
 )

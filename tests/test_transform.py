@@ -241,11 +241,13 @@ def test_schedule_learning_rate_counts_global_steps(make):
   np.testing.assert_allclose(ratios, [1.0, 0.9, 0.8, 0.7, 0.6], rtol=1e-5)
 
 
-def test_mu_dtype_with_bf16_params():
+def test_float32_storage_with_bf16_params():
   params = {"w": jnp.ones((3, 4), jnp.bfloat16)}
+  f32 = dj.state_storage(dtype=jnp.float32)
   for tx in (
-    dj.dualoptim_plus(1e-2, mu_dtype=jnp.float32),
-    dj.dualoptim(1e-2, mu_dtype=jnp.float32),
+    dj.dualoptim_plus(1e-2, storage=f32),
+    dj.dualoptim(1e-2, storage=f32),
+    dj.dualoptim_plus_lion(1e-2, storage=f32),
   ):
     s0 = tx.init(params)
     for leaf in jax.tree.leaves(s0):
