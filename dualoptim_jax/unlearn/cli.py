@@ -15,6 +15,11 @@
    (:func:`dualoptim_jax.unlearn.report.write_report`): a Table-1-style comparison on stdout and
    ``results.json``, ``results.md`` and ``results.png`` in ``--out``.
 
+That is ``--task tofu`` (the default). ``--task real_world`` and ``--task safety`` run the paper's
+other two experiments through the same job (:mod:`dualoptim_jax.unlearn.tasks`, ``docs/tasks.md``):
+each task gives the data of the two objectives, the initial models, the evaluation and the report
+columns; steps 5-6 are the same for all.
+
 Seeds vary the unlearning run (batch order and refusal answers), not the tuned model. ``--steps``
 counts forget updates: a joint run makes ``steps`` updates, an alternating run
 ``ceil(steps / F_f)`` cycles of ``F_f + F_r`` updates, so both see the same forget batches, as in
