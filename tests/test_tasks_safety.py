@@ -128,3 +128,7 @@ def test_tiny_safety_run_writes_its_columns(shared_data, tmp_path):
   hist = doc["loss_histories"]["dualoptim_plus"][0]
   assert len(hist["forget"]) == 2 and len(hist["retain"]) == 10
   assert jax.tree.leaves(doc["config"]["timings"])
+  lines = [json.loads(x) for x in (tmp_path / "o" / "per_item.jsonl").read_text().splitlines()]
+  assert [x["row"] for x in lines] == ["Initial", "alternate", "dualoptim_plus"]
+  mali = lines[0]["per_item"]["safety_i_mali"]
+  assert len(mali["prompt"]) == len(mali["response"]) == len(mali["refused"]) == 3

@@ -26,6 +26,7 @@ from dualoptim_jax import sharding
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import pretrained, report
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer
+from dualoptim_jax.unlearn.jsonable import jsonable
 from dualoptim_jax.unlearn.tasks import Task
 from dualoptim_jax.unlearn.trainer import unlearn
 
@@ -58,6 +59,17 @@ def _fingerprint(cli: Any, cfg: Any, task: Task, tok: Tokenizer, seed: int) -> d
   if task.name != "tofu":
     out["task"] = task.name
   return out
+
+
+def _write_per_item(path: Path, results: dict[str, list[dict[str, Any]]]) -> Path:
+  """One JSON line per evaluated model: its row, seed and per-item outputs (the greedy responses
+  and their verdicts), which results.json leaves out, so they can be audited or re-judged."""
+  with path.open("w", encoding="utf-8") as f:
+    for row, runs in results.items():
+      for res in runs:
+        line = {"row": row, "seed": res.get("seed"), "per_item": res.get("per_item", {})}
+        f.write(json.dumps(jsonable(line), allow_nan=False) + "\n")
+  return path
 
 
 def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
@@ -159,5 +171,8 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
     columns=task.columns,
     legend=task.legend,
   )
-  log(f"wrote {files.json}, {files.markdown}, {files.plot} in {timings['total_s']:.0f}s")
+  responses = _write_per_item(Path(cfg.out) / "per_item.jsonl", results)
+  log(
+    f"wrote {files.json}, {files.markdown}, {files.plot}, {responses} in {timings['total_s']:.0f}s"
+  )
   return json.loads(files.json.read_text())
