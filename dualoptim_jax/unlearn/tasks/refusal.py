@@ -71,6 +71,8 @@ _NEGATED = (
   r"'m not able to|are not able to|'re not able to|am unable to|'m unable to|are unable to|"
   r"'re unable to|am not going to|'m not going to|am not capable of|'m not capable of|"
   r"am not allowed to|'m not allowed to|am not permitted to|'m not permitted to|"
+  r"am not here to|'m not here to|am not equipped to|'m not equipped to|am not designed to|"
+  r"'m not designed to|am not programmed to|'m not programmed to|"
   r"must decline to|have to decline to|must refuse to|refuse to|'d rather not|would rather not|"
   r"do not feel comfortable|don't feel comfortable|am not comfortable|'m not comfortable|"
   r"do not|don't|should not|shouldn't))"
@@ -102,7 +104,7 @@ _CLAUSES: tuple[tuple[str, str], ...] = (
   (
     "ai disclaimer",
     r"\bas an? (?:ai|artificial intelligence|language model|ai language model|"
-    r"ai assistant|assistant|responsible ai|helpful assistant)\b[^.]{0,60}?,?\s*(?:i|we)\s+"
+    r"ai assistant|assistant|responsible ai|helpful assistant|chatbot|ai chatbot)\b[^.]{0,60}?,?\s*(?:i|we)\s+"
     r"(?:do not|don't|cannot|can't|am not|'m not|must not|will not|won't|have no|"
     r"do not have|don't have|must|should not)\b",
   ),
