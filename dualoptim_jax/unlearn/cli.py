@@ -21,7 +21,7 @@ counts forget updates: a joint run makes ``steps`` updates, an alternating run
 the paper's epoch-based budget.
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
-(:mod:`dualoptim_jax.sharding`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
+(:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
 ``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
 continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
 """
@@ -47,11 +47,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dualoptim_jax import sharding
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, pretrained, report
+from dualoptim_jax.unlearn import metrics, placement, pretrained, report
 from dualoptim_jax.unlearn.checkpoint import CheckpointMismatchError, checkpointed_unlearn
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.trainer import PRESETS, finetune, preset_available
@@ -320,7 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     parser.error(f"--finetune-epochs must be > 0, got {a.finetune_epochs}")
   if a.mesh is not None:
     try:
-      sharding.parse_mesh_spec(a.mesh, jax.device_count())
+      placement.parse_mesh_spec(a.mesh, jax.device_count())
     except ValueError as e:
       parser.error(f"--mesh: {e}")
   if a.resume and a.checkpoint_dir is None:
@@ -525,7 +524,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   data = load_data(cfg)
   log(data.summary())
   cache = _cache_dir(cfg)
-  mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
+  mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
   if mesh is not None:
     log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
   timings: dict[str, float] = {}
