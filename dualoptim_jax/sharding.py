@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -249,7 +249,7 @@ def state_shardings(state: Any, params: Any, param_shardings: Any = None) -> Any
     )
   if not shard_leaves:
     raise ValueError("params has no leaves, so there is no mesh to shard the state on")
-  mesh = shard_leaves[0].mesh
+  mesh = cast(Mesh, cast(NamedSharding, shard_leaves[0]).mesh)  # checked above
   paths = [p for p, _ in param_flat]
   shapes = [tuple(np.shape(x)) for _, x in param_flat]
   repl = replicated(mesh)
@@ -269,9 +269,8 @@ def state_shardings(state: Any, params: Any, param_shardings: Any = None) -> Any
     out = []
     for (_, leaf), sh in zip(flat, shard_leaves):
       if _is_quantized(leaf):
-        out.append(
-          QuantizedArray(codes=sh, absmax=absmax_sharding(sh, tuple(np.shape(leaf.absmax))))
-        )
+        absmax = absmax_sharding(sh, tuple(np.shape(leaf.absmax)))
+        out.append(QuantizedArray(codes=cast(Any, sh), absmax=cast(Any, absmax)))
       else:
         out.append(sh)
     return treedef.unflatten(out)
