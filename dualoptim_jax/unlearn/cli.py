@@ -21,7 +21,7 @@ counts forget updates: a joint run makes ``steps`` updates, an alternating run
 the paper's epoch-based budget.
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
-(:mod:`dualoptim_jax.sharding`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
+(:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
 ``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
 continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
 """
@@ -49,11 +49,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dualoptim_jax import sharding
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, pretrained, report
+from dualoptim_jax.unlearn import metrics, placement, pretrained, report
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.synthetic import synthetic_tofu
@@ -122,7 +121,7 @@ def _existing_model(spec: str | None) -> str | None:
 def _mesh_fits(spec: str | None) -> str | None:
   try:
     if spec is not None:
-      sharding.parse_mesh_spec(spec, jax.device_count())
+      placement.parse_mesh_spec(spec, jax.device_count())
   except ValueError as e:
     return f"--mesh: {e}"
   return None
@@ -538,7 +537,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   data = load_data(cfg)
   log(data.summary())
   cache = _cache_dir(cfg)
-  mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
+  mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
   if mesh is not None:
     log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
   timings: dict[str, float] = {}
