@@ -52,12 +52,8 @@ from flax import nnx
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
-<<<<<<< HEAD
 from dualoptim_jax.unlearn import metrics, placement, pretrained, report
-=======
-from dualoptim_jax.unlearn import metrics, pretrained, report
 from dualoptim_jax.unlearn import sweep as sweep_lib
->>>>>>> wt-unlearn
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.synthetic import synthetic_tofu
