@@ -201,6 +201,33 @@ def _flat(tree: Any):
   return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_quantized)
 
 
+def _laid_out(params: Any, param_shardings: Any) -> tuple[list, list[NamedSharding], Mesh]:
+  """``params``' flat leaves with paths, their NamedShardings, and the mesh (checked)."""
+  param_flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  if param_shardings is None:
+    shard_leaves = [getattr(x, "sharding", None) for _, x in param_flat]
+  else:
+    shard_leaves = jax.tree.leaves(param_shardings)
+  if len(shard_leaves) != len(param_flat):
+    raise ValueError(
+      f"param_shardings has {len(shard_leaves)} leaves but params has {len(param_flat)}"
+    )
+  bad = [
+    jax.tree_util.keystr(p)
+    for (p, _), s in zip(param_flat, shard_leaves)
+    if not isinstance(s, NamedSharding)
+  ]
+  if bad:
+    raise ValueError(
+      f"parameters need NamedShardings (lay them out on a mesh first, or pass "
+      f"param_shardings); {bad[0]} has none"
+    )
+  if not shard_leaves:
+    raise ValueError("params has no leaves, so there is no mesh to shard the state on")
+  mesh = cast(Mesh, cast(NamedSharding, shard_leaves[0]).mesh)  # checked above
+  return param_flat, cast(list[NamedSharding], shard_leaves), mesh
+
+
 def state_shardings(state: Any, params: Any, param_shardings: Any = None) -> Any:
   """Shardings for an optimizer state, taken from its parameters.
 
@@ -228,28 +255,7 @@ def state_shardings(state: Any, params: Any, param_shardings: Any = None) -> Any
     A tree of NamedShardings with ``state``'s structure, for ``jax.device_put``
     or ``jax.jit(..., out_shardings=...)``.
   """
-  param_flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  if param_shardings is None:
-    shard_leaves = [getattr(x, "sharding", None) for _, x in param_flat]
-  else:
-    shard_leaves = jax.tree.leaves(param_shardings)
-  if len(shard_leaves) != len(param_flat):
-    raise ValueError(
-      f"param_shardings has {len(shard_leaves)} leaves but params has {len(param_flat)}"
-    )
-  bad = [
-    jax.tree_util.keystr(p)
-    for (p, _), s in zip(param_flat, shard_leaves)
-    if not isinstance(s, NamedSharding)
-  ]
-  if bad:
-    raise ValueError(
-      f"parameters need NamedShardings (lay them out on a mesh first, or pass "
-      f"param_shardings); {bad[0]} has none"
-    )
-  if not shard_leaves:
-    raise ValueError("params has no leaves, so there is no mesh to shard the state on")
-  mesh = cast(Mesh, cast(NamedSharding, shard_leaves[0]).mesh)  # checked above
+  param_flat, shard_leaves, mesh = _laid_out(params, param_shardings)
   paths = [p for p, _ in param_flat]
   shapes = [tuple(np.shape(x)) for _, x in param_flat]
   repl = replicated(mesh)
