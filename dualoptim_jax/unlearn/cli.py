@@ -743,7 +743,9 @@ def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
   for preset in cfg.presets:
     out[preset] = []
     for value in sweep_lib.sweep_values(cfg.sweep):
-      run_cfg = cfg if value is None else dataclasses.replace(cfg, **{cfg.sweep[0]: value})
+      run_cfg = cfg
+      if cfg.sweep is not None and value is not None:
+        run_cfg = dataclasses.replace(cfg, **{cfg.sweep[0]: value})
       records = []
       for seed in cfg.seeds:
         path = sweep_lib.record_path(cfg.out, preset, cfg.sweep, value, seed)

@@ -224,7 +224,7 @@ def step_size(config: Mapping[str, Any], update: int, objective: int | None) -> 
   lr = learning_rate_schedule(
     config["learning_rate"], config["warmup_steps"], config["decay_steps"]
   )
-  value = float(lr(update)) if callable(lr) else float(lr)
+  value = float(lr(update) if callable(lr) else lr)  # pyright: ignore[reportArgumentType]
   if PRESETS[config["preset"]].mode == "joint" or objective is None:
     return value
   return value * float(config["forget_lr_scale" if objective == FORGET else "retain_lr_scale"])
