@@ -26,6 +26,7 @@ from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
 from dualoptim_jax.unlearn import placement as PL
 from dualoptim_jax.unlearn import trainer as T
+from dualoptim_jax.unlearn.paths import path_name
 
 V, LEN, BATCH = 64, 16, 8
 CONFIG = LlamaConfig(vocab_size=V, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64)
@@ -202,7 +203,7 @@ def annotated_specs() -> dict[str, P]:
   ]
   out = {}
   for path, var in flat:
-    name = ".".join(C._key_name(k) for k in path)
+    name = path_name(path)
     out[name] = S.fit_spec(P(*(var.get_metadata().get("out_sharding") or ())), var.shape, mesh)
   return out
 

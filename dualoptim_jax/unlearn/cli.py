@@ -9,16 +9,21 @@
    tokenizer are the checkpoint's instead, fine-tuned on forget + retain of a TOFU subset, with
    CPU-sized defaults (:mod:`dualoptim_jax.unlearn.pretrained`, ``docs/smollm2.md``).
 4. The retain-only model: the same recipe without the forget set (for forget quality), cached.
-5. Unlearning with ``--loss`` under every preset in ``--presets`` and every seed in ``--seeds``,
-   each starting from the TOFU-tuned model.
+5. Unlearning with ``--loss`` under every preset in ``--presets``, every value of ``--sweep`` and
+   every seed in ``--seeds``, each starting from the TOFU-tuned model, under one optimizer recipe
+   (:func:`dualoptim_jax.unlearn.trainer.make_optimizer`); each run is recorded in ``OUT/runs`` as
+   it ends and reused on a rerun (:mod:`dualoptim_jax.unlearn.sweep`).
 6. Evaluation (:func:`dualoptim_jax.unlearn.metrics.evaluate`) and the report
-   (:func:`dualoptim_jax.unlearn.report.write_report`): a Table-1-style comparison on stdout and
-   ``results.json``, ``results.md`` and ``results.png`` in ``--out``.
+   (:func:`dualoptim_jax.unlearn.report.write_report`): a Table-1-style comparison with 95 % CIs
+   on stdout and ``results.json``, ``results.md``, ``results.png`` and ``tradeoff.png`` in
+   ``--out``.
 
-Seeds vary the unlearning run (batch order and refusal answers), not the tuned model. ``--steps``
-counts forget updates: a joint run makes ``steps`` updates, an alternating run
-``ceil(steps / F_f)`` cycles of ``F_f + F_r`` updates, so both see the same forget batches, as in
-the paper's epoch-based budget.
+Seeds vary the unlearning run (batch order and refusal answers), not the tuned model. Budgets:
+:data:`BUDGET_RULES` (``--budget equal``: every preset sees the same forget batches).
+
+Flags: every flag is one field of :class:`RunConfig` (its docstring says how to add one); the
+parser, the ``--help`` text, the validation and the match of finished runs all read that table.
+Every error prints one line (``dualoptim-unlearn: error: ...``) and exits with status 2.
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
 (:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
@@ -150,10 +155,17 @@ class RunConfig:
   check=..., choices=...)``. The flag is ``--name-with-dashes``; its parser comes from the
   type (``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` as a comma list; a ``bool``
   is a switch: ``--name`` when the default is False, ``--no-name`` when it is True) unless
-  ``parse=`` gives one; ``check`` validates the parsed value. :func:`build_parser`,
-  :func:`parse_args` and the validation (``__post_init__``, so a config built in Python is
-  checked too) read the table; settings that involve several fields are checked in
-  :meth:`_cross_checks`.
+  ``parse=`` gives one; ``check`` validates the parsed value (see :class:`Flag`). Pass
+  ``run_setting=False`` for a flag that does not change a run's result (where and how the job
+  runs: output, caches, devices, processes), so finished runs recorded under another value are
+  still reused. A float field can be swept (``--sweep name=...``). :func:`build_parser`,
+  :func:`parse_args`, the validation (``__post_init__``, so a config built in Python is checked
+  too) and :func:`run_settings` read the table; settings that involve several fields are checked
+  in :meth:`_cross_checks`. Example::
+
+      compile_cache: str | None = flag(
+        None, "JAX compilation cache directory", group=DEVICES, run_setting=False
+      )
   """
 
   data_dir: str | None = flag(
