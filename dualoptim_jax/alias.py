@@ -340,7 +340,7 @@ def dualoptim_plus_adafactor(
   if clipping_threshold is not None and not is_traced(clipping_threshold):
     if not float(clipping_threshold) >= 1.0:
       raise ValueError(f"clipping_threshold must be >= 1 or None, got {clipping_threshold!r}.")
-  parts = [
+  parts: list[optax.GradientTransformation] = [
     instances.scale_by_dualoptim_plus_adafactor(
       b2,
       base_b2,

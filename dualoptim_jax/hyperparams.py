@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.core import Tracer
 
 # Hyperparameters that shape the state or the program, not just its values:
 # optax.inject_hyperparams must keep them static (see static_hyperparams).
@@ -45,7 +46,7 @@ STATIC_HYPERPARAMS = (
 
 def is_traced(value: Any) -> bool:
   """True for a traced hyperparameter (e.g. under ``optax.inject_hyperparams`` in jit)."""
-  return isinstance(value, jax.core.Tracer)
+  return isinstance(value, Tracer)
 
 
 def static_hyperparams(factory: Callable[..., Any]) -> tuple[str, ...]:

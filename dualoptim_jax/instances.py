@@ -48,7 +48,7 @@ def _build(
   direction: Direction,
   num_objectives: int,
   storage: StoragePolicy | None,
-  state_bits: int,
+  state_bits: int | None,
 ) -> optax.GradientTransformationExtraArgs:
   return shared_base_moments(
     moments,

@@ -128,6 +128,11 @@ class Corrections(NamedTuple):
   careful: Array
 
 
+def _increment(count: Array) -> Array:
+  """``count + 1``, saturating at the int32 maximum (``optax.safe_increment``)."""
+  return jnp.asarray(optax.safe_increment(count))
+
+
 def _reciprocal_correction(beta: float, steps: Array, dtype: Any) -> Array:
   """``1 / (1 - beta**steps)``, and 0 for ``steps == 0``.
 
@@ -145,7 +150,7 @@ def corrections(m: Moment, dtype: Any, n_prev: Array, t_prev: Array) -> Correcti
   if not m.bias_correction:
     one = jnp.ones([], dtype)
     return Corrections(one, one, one, beta)
-  delta = _reciprocal_correction(m.decay, optax.safe_increment(t_prev), dtype)
+  delta = _reciprocal_correction(m.decay, _increment(t_prev), dtype)
   careful = beta * (1 - beta ** t_prev.astype(dtype)) * delta
   return Corrections(
     base=_reciprocal_correction(m.base_decay, n_prev, dtype),
@@ -400,8 +405,8 @@ class _SharedBase:
     d_olds = plan.decode(state.deltas[k], "delta")
     updates, delta = self.step(plan, grads, state.base, d_olds, state.count, state.counts[k])
     return updates, SharedBaseState(
-      count=optax.safe_increment(state.count),
-      counts=state.counts.at[k].set(optax.safe_increment(state.counts[k])),
+      count=_increment(state.count),
+      counts=state.counts.at[k].set(_increment(state.counts[k])),
       base=self.base_step(plan, grads, state.base) if self.use_base else state.base,
       deltas=tuple(delta if kk == k else d for kk, d in enumerate(state.deltas)),
     )
@@ -453,9 +458,9 @@ class _SharedBase:
     base = state.base
     if self.use_base:
       base = self.base_step(plan, grads, state.base, keep=~valid | (ready != 1))
-    counts = state.counts.at[k].set(optax.safe_increment(t_prev))
+    counts = state.counts.at[k].set(_increment(t_prev))
     return updates, SharedBaseState(
-      count=jnp.where(valid, optax.safe_increment(n_prev), n_prev),
+      count=jnp.where(valid, _increment(n_prev), n_prev),
       counts=jnp.where(valid, counts, state.counts),
       base=base,
       deltas=deltas,
@@ -466,7 +471,7 @@ class _SharedBase:
     objective = objective_lib.check_objective(objective, self.num_objectives)
     if objective_lib.is_static(objective):
       return self.static_update(objective, updates, state)
-    return self.traced_update(objective, updates, state)
+    return self.traced_update(jnp.asarray(objective), updates, state)
 
 
 def _select(objective: Array, per_objective: list[list[list[Array]]]) -> list[list[Array]]:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dualoptim_jax.hyperparams import static_value
+from dualoptim_jax.hyperparams import is_traced, static_value
 from dualoptim_jax.quantize import (
   QuantizedArray,
   absmax_shape,
@@ -118,7 +118,7 @@ def placed_spec(param: Any, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
   placed.
   """
   sharding = None
-  if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+  if isinstance(param, jax.Array) and not is_traced(param):
     candidate = getattr(param, "sharding", None)
     if isinstance(candidate, NamedSharding) and tuple(shape) == tuple(param.shape):
       sharding = candidate
@@ -260,6 +260,8 @@ class MomentSpec:
       if not isinstance(stored, QuantizedArray):
         raise TypeError(f"spec is quantized but got a {type(stored).__name__}")
       return dequantize_blockwise(stored, signed=self.signed, block_size=self.block_size)
+    if isinstance(stored, QuantizedArray):
+      raise TypeError("spec is not quantized but got a QuantizedArray")
     return stored
 
 

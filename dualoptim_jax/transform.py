@@ -278,8 +278,8 @@ def scale_by_objective_learning_rate(
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
     objective = objective_lib.check_objective(objective, num_objectives)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    count = optax.safe_increment(state.count)
+    lr = jnp.asarray(learning_rate(state.count) if callable(learning_rate) else learning_rate)
+    count = jnp.asarray(optax.safe_increment(state.count))
     if objective_lib.is_static(objective):
       step_size = -lr * scales[objective]
     else:

@@ -184,11 +184,11 @@ def test_mismatched_optimizer_state_is_summarised(tmp_path):
   msg = _restore_error(tmp_path, _unlearner("dualoptim"), fp)
   assert re.search(
     r"\n  46 optimizer state arrays are in this run but not in the checkpoint, "
-    r"e\.g\. '0\.inner_states\.0\.count'",
+    r"e\.g\. '1\.0\.inner_states\.0\.count'",
     msg,
   ), msg
   assert re.search(
-    r"\n  68 optimizer state arrays are in the checkpoint but not in this run, e\.g\. '0\.base\.0\.",
+    r"\n  68 optimizer state arrays are in the checkpoint but not in this run, e\.g\. '1\.0\.base\.0\.",
     msg,
   ), msg
   assert "PyTreeDef" not in msg and len(msg.splitlines()) <= 4

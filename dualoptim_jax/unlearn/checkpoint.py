@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dualoptim_jax.unlearn.jsonable import jsonable
+from dualoptim_jax.unlearn.paths import named_leaves
 from dualoptim_jax.unlearn.trainer import LossHistory, Unlearner
 
 __all__ = [
@@ -127,37 +128,6 @@ def fingerprint_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any])
 
 # ------------------------------------------------------------------------------------------------
 # Arrays by name.
-
-
-def _key_name(key: Any) -> str | None:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    # The array inside an nnx.Variable is its ``value``: leave it out of the name.
-    return None if key.name == "value" else key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def named_leaves(tree: Any) -> dict[str, Any]:
-  """``{"layers.0.mlp.up_proj.kernel": leaf, ...}``: a pytree's leaves by readable, unique name.
-
-  Names join the path's keys with dots (dict keys, sequence indices, NamedTuple fields) and
-  leave out the ``value`` of an ``nnx.Variable``; a lone leaf is named ``""``.
-  """
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  out: dict[str, Any] = {}
-  for path, leaf in flat:
-    name = ".".join(n for n in map(_key_name, path) if n is not None)
-    if name in out:
-      raise ValueError(
-        f"two leaves of the tree are both named {name!r}; cannot checkpoint it by name"
-      )
-    out[name] = leaf
-  return out
 
 
 def _abstract(tree: Any) -> Any:
@@ -439,6 +409,7 @@ def save_unlearner(
     "forget_batches": forget_batches.state_dict(),
     "retain_batches": retain_batches.state_dict(),
     "history": state["history"],
+    "stability": state["stability"],
   }
   return ckpt.save(step, _arrays(unlearner), json_state, force=force)
 
@@ -453,7 +424,12 @@ def restore_unlearner(
   """Loads a checkpoint into ``unlearner`` (onto its mesh) and the iterators."""
   arrays, state, _ = ckpt.restore(_arrays(unlearner), step)
   unlearner.load_state_dict(
-    {**arrays, "update": state["update"], "history": state.get("history", [])}
+    {
+      **arrays,
+      "update": state["update"],
+      "history": state.get("history", []),
+      "stability": state.get("stability", (0.0, 0)),
+    }
   )
   forget_batches.load_state_dict(state["forget_batches"])
   retain_batches.load_state_dict(state["retain_batches"])

@@ -22,9 +22,8 @@ from typing import Any
 
 import jax
 
-from dualoptim_jax import sharding
 from dualoptim_jax.models.tokenizer import Tokenizer
-from dualoptim_jax.unlearn import pretrained, report
+from dualoptim_jax.unlearn import placement, pretrained, report
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer
 from dualoptim_jax.unlearn.jsonable import jsonable
 from dualoptim_jax.unlearn.tasks import Task
@@ -79,7 +78,7 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   t_start = time.perf_counter()
   log(task.summary())
   cache = cli._cache_dir(cfg)
-  mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
+  mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
   if mesh is not None:
     log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
   timings: dict[str, float] = {}
