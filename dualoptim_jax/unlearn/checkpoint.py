@@ -582,12 +582,14 @@ def checkpointed_unlearn(
   resume: bool = False,
   fingerprint_extra: Mapping[str, Any] | None = None,
   log=print,
+  donate_model: bool = False,
 ) -> UnlearnResult:
   """:func:`~dualoptim_jax.unlearn.trainer.unlearn` with orbax checkpoints in ``checkpoint_dir``.
 
   Without ``checkpoint_dir`` this is ``unlearn(..., mesh=mesh)``. With it, the run saves every
   ``every`` updates and at the end, keeping the last ``keep``; ``resume`` continues from the
-  latest checkpoint there. The fingerprint records the model config, the preset and its
+  latest checkpoint there. ``donate_model``: see :class:`~dualoptim_jax.unlearn.trainer.Unlearner`.
+  The fingerprint records the model config, the preset and its
   hyperparameters, the objective and the schedule, plus ``fingerprint_extra`` (e.g. the seed and
   what the starting model was built from).
   """
@@ -608,6 +610,7 @@ def checkpointed_unlearn(
       ref_model=ref_model,
       progress=progress,
       mesh=mesh,
+      donate_model=donate_model,
     )
   tx = make_optimizer(
     preset,
@@ -626,6 +629,7 @@ def checkpointed_unlearn(
     retain_steps=retain_steps,
     ref_model=ref_model,
     mesh=mesh,
+    donate_model=donate_model,
   )
   fp = fingerprint(
     model=getattr(model, "config", type(model).__name__),
@@ -654,4 +658,4 @@ def checkpointed_unlearn(
       desc=preset,
       log=log,
     )
-  return UnlearnResult(runner.model, history)
+  return UnlearnResult(runner.release(), history)

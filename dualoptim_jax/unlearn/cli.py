@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,8 @@ from flax import nnx
 from dualoptim_jax import sharding
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
+from dualoptim_jax.unlearn import compiles, memory, metrics, pretrained, report
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, pretrained, report
 from dualoptim_jax.unlearn.checkpoint import CheckpointMismatchError, checkpointed_unlearn
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.trainer import PRESETS, finetune, preset_available
@@ -406,6 +407,42 @@ def load_params(model: nnx.Module, path: Path) -> None:
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
 
 
+def _finetune_steps(items: Sequence[D.QAItem], cfg: RunConfig) -> int:
+  if cfg.finetune_epochs is None:
+    return cfg.finetune_steps
+  return pretrained.finetune_steps(len(items), cfg.finetune_epochs, cfg.finetune_batch_size)
+
+
+def tuned_model_path(
+  kind: str,
+  items: Sequence[D.QAItem],
+  tok: Tokenizer,
+  cfg: RunConfig,
+  cache: Path,
+  *,
+  init_key: str | None = None,
+) -> Path:
+  """Where :func:`tuned_model` caches the model: keyed by everything that shapes it."""
+  pairs = [(it.question, it.answer) for it in items]
+  start: Any = init_key  # what the fine-tuning starts from: a checkpoint or a config from scratch
+  name = "pretrained"
+  if init_key is None:
+    start, name = dataclasses.asdict(MODEL_SIZES[cfg.model_size](tok.vocab_size)), cfg.model_size
+  key = _digest(
+    _CACHE_VERSION,
+    kind,
+    pairs,
+    tok.hf_tokenizer.to_str(),
+    start,
+    _finetune_steps(items, cfg),
+    cfg.finetune_lr,
+    cfg.finetune_batch_size,
+    cfg.model_seed,
+    cfg.max_len,
+  )
+  return cache / "models" / f"{kind}-{name}-{key}.npz"
+
+
 def tuned_model(
   kind: str,
   items: Sequence[D.QAItem],
@@ -417,41 +454,25 @@ def tuned_model(
   init: nnx.Module | None = None,
   init_key: str | None = None,
   mesh: Any = None,
+  donate_init: bool = False,
 ) -> nnx.Module:
   """A Llama fine-tuned on ``items`` (answer-token NLL), loaded from cache if there.
 
-  From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged)
+  From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged
+  unless ``donate_init``: then its buffers are trained or overwritten, one copy less in memory)
   whose weights ``init_key`` names in the cache key.
   """
   pairs = [(it.question, it.answer) for it in items]
-  steps = (
-    cfg.finetune_steps
-    if cfg.finetune_epochs is None
-    else pretrained.finetune_steps(len(pairs), cfg.finetune_epochs, cfg.finetune_batch_size)
-  )
+  steps = _finetune_steps(items, cfg)
   if init is None:
-    model_cfg = MODEL_SIZES[cfg.model_size](tok.vocab_size)
-    init_key, name = dataclasses.asdict(model_cfg), cfg.model_size
-    model = Llama(model_cfg, rngs=nnx.Rngs(cfg.model_seed))
+    model = Llama(MODEL_SIZES[cfg.model_size](tok.vocab_size), rngs=nnx.Rngs(cfg.model_seed))
+    init_key = None
   else:
-    model, name = init, "pretrained"
-  key = _digest(
-    _CACHE_VERSION,
-    kind,
-    pairs,
-    tok.hf_tokenizer.to_str(),
-    init_key,
-    steps,
-    cfg.finetune_lr,
-    cfg.finetune_batch_size,
-    cfg.model_seed,
-    cfg.max_len,
-  )
-  path = cache / "models" / f"{kind}-{name}-{key}.npz"
+    model = init
+  path = tuned_model_path(kind, items, tok, cfg, cache, init_key=init_key)
   if path.is_file():
-    if (
-      init is not None
-    ):  # load into a copy with its own arrays: the pretrained model stays as it is
+    if init is not None and not donate_init:
+      # Load into a copy with its own arrays: the pretrained model stays as it is.
       graphdef, state = nnx.split(model)
       model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     load_params(model, path)
@@ -471,6 +492,7 @@ def tuned_model(
     progress=cfg.progress,
     desc=f"fine-tune {kind}",
     mesh=mesh,
+    donate_model=donate_init or init is None,
   )
   tail = result.losses[-10:].mean() if len(result.losses) else float("nan")
   log(
@@ -479,6 +501,31 @@ def tuned_model(
   )
   save_params(result.model, path)
   return result.model
+
+
+def _reloader(model: nnx.Module, path: Path) -> Callable[[], nnx.Module]:
+  """``() -> a new module`` with fresh arrays read from ``path`` (``model``'s saved params).
+
+  The job keeps the tuned model on disk, not in memory, while a run trains its own copy.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+  def load() -> nnx.Module:
+    fresh = nnx.merge(graphdef, shapes, rest)
+    load_params(fresh, path)
+    return fresh
+
+  return load
+
+
+def _use_compilation_cache(cache: Path, log=print) -> None:
+  """JAX's persistent compilation cache under ``cache/xla``, unless one is configured already
+  (``JAX_COMPILATION_CACHE_DIR``; ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off)."""
+  options: Any = jax.config  # the flags are attributes pyright cannot see
+  if options.jax_compilation_cache_dir is None and options.jax_enable_compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
+    log(f"compilation cache: {cache / 'xla'}")
 
 
 def num_updates(preset: str, forget_updates: int, cfg: RunConfig) -> int:
@@ -519,16 +566,42 @@ def _run_fingerprint(
 # The job.
 
 
+def _with_forget_quality(result: dict[str, Any], retain_only_ratios: np.ndarray) -> dict[str, Any]:
+  """``result`` (an evaluation without forget quality) with it: the retain-only row is its own
+  reference evaluation, not evaluated twice."""
+  ks = metrics.forget_quality(
+    np.asarray(result["per_item"]["forget"]["truth_ratio"]), retain_only_ratios
+  )
+  return {**result, "forget_quality": ks.pvalue, "ks_statistic": ks.statistic}
+
+
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
-  """Runs the experiment of ``cfg`` and writes the report; returns the results.json document."""
+  """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
+
+  Memory: buffers of 1 MiB and more are mapped apart from glibc's heaps (:mod:`.memory`); the
+  tuned model is reloaded from its cache file for each run, which trains that copy in place.
+  """
   t_start = time.perf_counter()
+  memory.limit_heap_growth()
   data = load_data(cfg)
   log(data.summary())
   cache = _cache_dir(cfg)
+  _use_compilation_cache(cache, log)
   mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
   if mesh is not None:
     log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
   timings: dict[str, float] = {}
+  compile_stats: dict[str, dict[str, Any]] = {}
+  compiled_at = compiles.snapshot()
+
+  def phase_done(name: str, t0: float) -> None:
+    nonlocal compiled_at
+    timings[f"{name}_s"] = time.perf_counter() - t0
+    now = compiles.snapshot()
+    compile_stats[name] = now.since(compiled_at).as_dict()
+    compiled_at = now
+    memory.release_freed_memory()
+
   t0 = time.perf_counter()
   if cfg.model is None:
     vocab = cfg.vocab_size or (1024 if cfg.data_dir is None else 4096)
@@ -537,29 +610,25 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
       f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; devices: {jax.devices()}"
     )
     general = data.real_authors + data.world_facts
-    base = tuned_model("full", data.forget + data.retain + general, tok, cfg, cache, log, mesh=mesh)
+    base_items = data.forget + data.retain + general
+    base = tuned_model("full", base_items, tok, cfg, cache, log, mesh=mesh)
     retain_only = tuned_model("retain", data.retain + general, tok, cfg, cache, log, mesh=mesh)
+    base_path = tuned_model_path("full", base_items, tok, cfg, cache)
   else:  # a pretrained LM brings its general knowledge: tune on forget + retain only
     data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
     log(data.summary())
     start, tok, start_key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
     log(pretrained.describe(start, cfg.model, start_key) + f"; devices: {jax.devices()}")
-    base = tuned_model(
-      "full",
-      data.forget + data.retain,
-      tok,
-      cfg,
-      cache,
-      log,
-      init=start,
-      init_key=start_key,
-      mesh=mesh,
+    tuned = functools.partial(
+      tuned_model, tok=tok, cfg=cfg, cache=cache, log=log, init=start, init_key=start_key, mesh=mesh
     )
-    retain_only = tuned_model(
-      "retain", data.retain, tok, cfg, cache, log, init=start, init_key=start_key, mesh=mesh
+    base = tuned("full", data.forget + data.retain)
+    retain_only = tuned("retain", data.retain, donate_init=True)  # start's last use
+    base_path = tuned_model_path(
+      "full", data.forget + data.retain, tok, cfg, cache, init_key=start_key
     )
-    del start
-  timings["models_s"] = time.perf_counter() - t0
+    del start, tuned
+  phase_done("models", t0)
 
   def evaluate(model, retain_only_ratios=None):
     return metrics.evaluate(
@@ -578,9 +647,10 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   ratios = np.asarray(reference["per_item"]["forget"]["truth_ratio"])
   results: dict[str, list[dict[str, Any]]] = {
     "Initial": [evaluate(base, ratios)],
-    "Retain-only": [evaluate(retain_only, ratios)],
+    "Retain-only": [_with_forget_quality(reference, ratios)],
   }
-  timings["reference_eval_s"] = time.perf_counter() - t0
+  del retain_only
+  phase_done("reference_eval", t0)
 
   objective = make_objective(cfg.loss, cfg.forget_coef, cfg.retain_coef, cfg.beta)
   forget_updates = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.forget) / cfg.batch_size))
@@ -591,6 +661,11 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   if not presets:
     raise SystemExit("none of the requested presets can be built; see the messages above")
 
+  # One frozen reference, shared by every run, and only for losses that need one; each run
+  # trains a fresh copy of the tuned model read back from its cache file.
+  ref_model = base if objective.needs_reference else None
+  fresh_base = _reloader(base, base_path)
+  del base
   histories: dict[str, list[dict[str, Any]]] = {}
   for preset in presets:
     results[preset], histories[preset] = [], []
@@ -603,7 +678,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         tok, data.retain, data.idk_answers, cfg.max_len, seed=2 * seed + 1
       )
       out = checkpointed_unlearn(
-        base,
+        fresh_base(),
         objective,
         D.BatchIterator(forget, cfg.batch_size, seed=2 * seed),
         D.BatchIterator(retain, cfg.batch_size, seed=2 * seed + 1),
@@ -615,6 +690,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         weight_decay=cfg.weight_decay,
         forget_steps=cfg.forget_steps,
         retain_steps=cfg.retain_steps,
+        ref_model=ref_model,
         progress=cfg.progress,
         mesh=mesh,
         log=log,
@@ -625,18 +701,24 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         keep=cfg.keep_checkpoints,
         resume=cfg.resume,
         fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
+        donate_model=True,
       )
+      t_eval = time.perf_counter()
       res = evaluate(out.model, ratios)
+      timings["eval_s"] = timings.get("eval_s", 0.0) + time.perf_counter() - t_eval
       res["seed"] = seed
       results[preset].append(res)
       histories[preset].append(out.history.series())
+      del out
       log(
         f"[{preset} seed {seed}] forget prob {res['forget_prob']:.3f}, UFE {res['forget_efficacy']:.3f}, "
         f"MU {res['model_utility']:.3f}, FQ {res['forget_quality']:.3g}"
       )
-    timings[f"{preset}_s"] = time.perf_counter() - t0
+    phase_done(preset, t0)
 
   timings["total_s"] = time.perf_counter() - t_start
+  eval_s = timings["reference_eval_s"] + timings.get("eval_s", 0.0)
+  total = compiles.snapshot()
   config = {
     **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
     "data": data.summary(),
@@ -646,6 +728,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     "tokenizer_vocab": tok.vocab_size,
     "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, jax devices {jax.devices()}",
     "timings": {k: round(v, 1) for k, v in timings.items()},
+    "evaluation_share": round(eval_s / timings["total_s"], 3),
+    "compiles": {**compile_stats, "total": total.as_dict()},
+    "peak_rss_gib": round(_peak_rss_gib(), 2),
   }
   files = report.write_report(
     cfg.out,
@@ -654,8 +739,20 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     config=config,
     title=f"Unlearning {data.name} with {objective.name}",
   )
-  log(f"wrote {files.json}, {files.markdown}, {files.plot} in {timings['total_s']:.0f}s")
+  log(
+    f"wrote {files.json}, {files.markdown}, {files.plot} in {timings['total_s']:.0f}s "
+    f"(evaluation {100 * config['evaluation_share']:.0f}%, {total.programs} programs compiled "
+    f"or loaded in {total.compile_s:.0f}s, peak RSS {config['peak_rss_gib']} GiB)"
+  )
   return json.loads(files.json.read_text())
+
+
+def _peak_rss_gib() -> float:
+  """This process's peak resident set size so far (Linux / macOS), in GiB."""
+  import resource
+
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
