@@ -81,7 +81,7 @@ def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict[str
 
 
 @functools.lru_cache(maxsize=8)
-def bare_step(graphdef, objective: losses_lib.Objective, which: int | None, options: str):
+def bare_step(graphdef, objective: losses_lib.UnlearningLoss, which: int | None, options: str):
   """The reference: value_and_grad of the same loss + optax.adamw, params and state donated."""
   tx = optax.adamw(1e-4, weight_decay=common.WEIGHT_DECAY)
 
@@ -112,7 +112,7 @@ class Block:
   bare: list[Any]  # [params, opt_state]
   rest: Any
   graphdef: Any
-  objective: losses_lib.Objective
+  objective: losses_lib.UnlearningLoss
   options: str
   batches: tuple[Any, Any]
   times: dict[str, list[float]] = dataclasses.field(
@@ -294,9 +294,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   steps = []
   if not args.skip_step:
     for preset in tqdm(presets, desc="presets", leave=False):
-      if not trainer_lib.preset_available(preset):
-        notes.append(f"preset {preset} skipped: this build cannot make it")
-        continue
       block = make_block(model, preset, objective, args.options, batches)
       steps.append(time_block(block, args.rounds, args.warmup))
       del block
