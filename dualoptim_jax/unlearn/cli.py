@@ -56,8 +56,8 @@ from flax import nnx
 
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
+from dualoptim_jax.unlearn import compiles, memory, metrics, placement, pretrained, report
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, placement, pretrained, report
 from dualoptim_jax.unlearn import sweep as sweep_lib
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
 from dualoptim_jax.unlearn.losses import make_objective
@@ -511,10 +511,12 @@ def tuned_model(
   init: nnx.Module | None = None,
   init_key: Any = None,
   mesh: Any = None,
+  donate_init: bool = False,
 ) -> nnx.Module:
   """A Llama fine-tuned on ``items`` (answer-token NLL), loaded from cache if there.
 
-  From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged)
+  From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged
+  unless ``donate_init``: then its buffers are trained or overwritten, one copy less in memory)
   whose weights ``init_key`` names in the cache key.
   """
   pairs = [(it.question, it.answer) for it in items]
@@ -543,7 +545,7 @@ def tuned_model(
   )
   path = cache / "models" / f"{kind}-{name}-{key}"
   if path.is_dir():
-    if init is not None:  # load into a copy with its own arrays: the pretrained model stays as is
+    if init is not None and not donate_init:  # a copy: the pretrained model stays as it is
       graphdef, state = nnx.split(model)
       model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     load_params(model, path)
@@ -563,6 +565,7 @@ def tuned_model(
     progress=cfg.progress,
     desc=f"fine-tune {kind}",
     mesh=mesh,
+    donate_model=donate_init or init is None,
   )
   tail = result.losses[-10:].mean() if len(result.losses) else float("nan")
   log(
@@ -581,6 +584,31 @@ BUDGET_RULES = {
   f"(ceil(epochs * forget items / batch size) updates), alternating presets {AUTHORS_UPDATES} "
   "updates",
 }
+
+
+def _use_compilation_cache(cache: Path, log=print) -> None:
+  """JAX's persistent compilation cache under ``cache/xla``, unless one is configured already
+  (``JAX_COMPILATION_CACHE_DIR``; ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off)."""
+  options: Any = jax.config  # the flags are attributes pyright cannot see
+  if options.jax_compilation_cache_dir is None and options.jax_enable_compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
+    log(f"compilation cache: {cache / 'xla'}")
+
+
+def _with_forget_quality(result: dict[str, Any], retain_only_ratios: Any) -> dict[str, Any]:
+  """``result`` (an evaluation without forget quality) with it: the retain-only row is its own
+  reference evaluation, not evaluated twice."""
+  ratios = np.asarray(result["per_item"]["forget"]["truth_ratio"])
+  ks = metrics.forget_quality(ratios, np.asarray(retain_only_ratios))
+  return {**result, "forget_quality": ks.pvalue, "ks_statistic": ks.statistic}
+
+
+def _peak_rss_gib() -> float:
+  """This process's peak resident set size so far (Linux / macOS), in GiB."""
+  import resource
+
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def num_updates(preset: str, forget_updates: int, cfg: RunConfig) -> int:
@@ -644,7 +672,7 @@ class Setup:
   data: D.UnlearningData
   tok: Tokenizer
   base: nnx.Module
-  retain_only: nnx.Module
+  retain_only: nnx.Module | None  # dropped once the reference evaluations are done
   mesh: Any
 
 
@@ -653,6 +681,7 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
   data = load_data(cfg)
   log(data.summary())
   cache = _cache_dir(cfg)
+  _use_compilation_cache(cache, log)
   mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
   if mesh is not None:
     log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
@@ -674,12 +703,12 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
   log(data.summary())
   start, tok, key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
   log(pretrained.describe(start, cfg.model, key) + f"; devices: {jax.devices()}")
-  tune = lambda kind, items: tuned_model(
-    kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh
+  tune = lambda kind, items, donate=False: tuned_model(
+    kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh, donate_init=donate
   )
-  return Setup(
-    data, tok, tune("full", data.forget + data.retain), tune("retain", data.retain), mesh
-  )
+  base = tune("full", data.forget + data.retain)
+  # The last use of the pretrained model: the retain-only fine-tune trains its buffers.
+  return Setup(data, tok, base, tune("retain", data.retain, donate=True), mesh)
 
 
 def evaluate(setup: Setup, cfg: RunConfig, model: nnx.Module, ratios=None) -> dict[str, Any]:
@@ -738,6 +767,7 @@ def one_run(
     warmup_steps=cfg.warmup_steps,
     careful_rounding=cfg.careful_rounding,
   )
+  t_eval = time.perf_counter()
   result = {**evaluate(setup, cfg, out.model, ratios), "seed": seed, **out.stability}
   forget_updates = int(np.sum(out.history.objective != 1))
   return {
@@ -745,6 +775,7 @@ def one_run(
     "history": out.history.series(),
     "run": {**out.config, "updates": updates, "forget_updates": forget_updates},
     "seconds": time.perf_counter() - t0,
+    "eval_seconds": time.perf_counter() - t_eval,
   }
 
 
@@ -782,14 +813,29 @@ def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   """Runs the experiment of ``cfg`` and writes the report; returns the results.json document."""
   t_start = time.perf_counter()
+  memory.limit_heap_growth()  # freed parameter-sized buffers go back to the system
+  compiled: dict[str, Any] = {}
+  start = compiles.snapshot()
   setup = prepare(cfg, log)
+  after_models = compiles.snapshot()
+  compiled["models"] = after_models.since(start).as_dict()
+  t_eval = time.perf_counter()
+  assert setup.retain_only is not None
   reference = evaluate(setup, cfg, setup.retain_only)
   ratios = reference["per_item"]["forget"]["truth_ratio"]
   references = {
     "Initial": [evaluate(setup, cfg, setup.base, ratios)],
-    "Retain-only": [evaluate(setup, cfg, setup.retain_only, ratios)],
+    "Retain-only": [_with_forget_quality(reference, ratios)],
   }
+  eval_s = time.perf_counter() - t_eval
+  setup.retain_only = None  # not needed any more: its evaluation is done
+  memory.release_freed_memory()
+  after_reference = compiles.snapshot()
+  compiled["reference_eval"] = after_reference.since(after_models).as_dict()
   runs = _sweep_runs(setup, cfg, ratios, log)
+  compiled["runs"] = compiles.snapshot().since(after_reference).as_dict()
+  compiled["total"] = compiles.snapshot().since(start).as_dict()
+  eval_s += sum(r.get("eval_seconds", 0.0) for s in runs.values() for _, rs in s for r in rs)
   results = dict(references)
   histories, curves = {}, {}
   for preset, settings in runs.items():
@@ -815,6 +861,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     "tokenizer_vocab": setup.tok.vocab_size,
     "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, {jax.devices()}",
     "wall_s": round(time.perf_counter() - t_start, 1),
+    "evaluation_share": round(eval_s / (time.perf_counter() - t_start), 3),
+    "compiles": compiled,
+    "peak_rss_gib": round(_peak_rss_gib(), 2),
   }
   files = report.write_report(
     cfg.out,
