@@ -133,7 +133,7 @@ def launch(
     raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
   if not command:
     raise ValueError("no command to launch")
-  out = sys.stdout if out is None else out
+  stream: IO[str] = sys.stdout if out is None else out
   cmd = _resolve(command)
   if shutil.which(cmd[0]) is None:
     raise FileNotFoundError(f"{cmd[0]!r} is not an executable on PATH")
@@ -157,17 +157,17 @@ def launch(
     )
     procs.append(proc)
     assert proc.stdout is not None
-    pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{i}] ", out, lock), daemon=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{i}] ", stream, lock), daemon=True)
     pump.start()
     pumps.append(pump)
   stop_at = None if timeout is None else time.monotonic() + timeout
   try:
-    _wait(procs, grace, stop_at, out, lock)
+    _wait(procs, grace, stop_at, stream, lock)
   except KeyboardInterrupt:
     for p in procs:
       if p.poll() is None:
         p.send_signal(signal.SIGINT)
-    _wait(procs, grace, None, out, lock)
+    _wait(procs, grace, None, stream, lock)
   for pump in pumps:
     pump.join(timeout=5)
   return [p.returncode for p in procs]

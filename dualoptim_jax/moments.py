@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.core import Tracer
 from optax._src import numerics
 
 from dualoptim_jax import objective as objective_lib
@@ -170,6 +171,21 @@ def _reciprocal_correction(beta: float, steps: Array, dtype: Any) -> Array:
   return jnp.where(steps > 0, 1 / safe, jnp.zeros([], dtype))
 
 
+class _Init(NamedTuple):
+  init: Callable[[Any], Any]
+
+
+def _on_a_mesh(params: Any) -> bool:
+  """Whether ``params`` are concrete arrays laid out on a mesh of more than one device."""
+  return any(
+    isinstance(x, jax.Array)
+    and not isinstance(x, Tracer)
+    and isinstance(x.sharding, jax.sharding.NamedSharding)
+    and x.sharding.mesh.size > 1
+    for x in jax.tree.leaves(params)
+  )
+
+
 def _spec(leaf: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
 
@@ -238,6 +254,13 @@ def shared_base_moments(
     return out
 
   def init_fn(params):
+    if _on_a_mesh(params):
+      # Eager init of sharded parameters: create every leaf on its shard (a jitted init with the
+      # parameters' shardings) rather than whole on one device, which would not fit at scale
+      # and would be process-local in a multi-process job.
+      from dualoptim_jax.sharding import init_sharded  # noqa: PLC0415 (sharding needs flax)
+
+      return init_sharded(_Init(init_fn), params)
     leaves, treedef = jax.tree.flatten(params)
     codecs = codecs_for(params)
 
