@@ -565,6 +565,10 @@ def _requests(split: str, items: Sequence[Any]):
   return questions, answers, np.array(gt), np.array(base), pert_idx
 
 
+class NonFiniteOutputError(ValueError):
+  """The evaluated model produced NaN or infinite log-probabilities."""
+
+
 def _batched_avg_logprob(
   logprob_fn: LogprobFn, questions, answers, batch_size: int, bar
 ) -> np.ndarray:
@@ -578,6 +582,12 @@ def _batched_avg_logprob(
   if lp.shape != (len(questions),) or n.shape != (len(questions),):
     raise ValueError(
       f"logprob_fn returned {lp.shape}/{n.shape} values for {len(questions)} answers"
+    )
+  bad = int(np.sum(~np.isfinite(lp)))
+  if bad:
+    raise NonFiniteOutputError(
+      f"the model's outputs are not finite: {bad} of {len(lp)} answer log-probabilities are "
+      "NaN or infinite (diverged training or damaged parameters); no metric is meaningful"
     )
   return _avg_logprob(lp, n)
 
