@@ -24,6 +24,13 @@ Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devi
 (:mod:`dualoptim_jax.sharding`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
 ``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
 continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
+
+Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process-id I`` join JAX's
+multi-process runtime (:mod:`dualoptim_jax.unlearn.distributed`; without them SLURM and TPU pods
+are detected, and ``python -m dualoptim_jax.launch -n N -- dualoptim-unlearn ...`` starts N local
+processes); ``--mesh`` then spans every process's devices. Every process draws the same batches
+and puts only its rows on its devices, so the result does not depend on the process count;
+process 0 alone prints progress and writes caches and the report; checkpoints are written by all.
 """
 
 from __future__ import annotations
@@ -51,8 +58,12 @@ from dualoptim_jax import sharding
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, pretrained, report
-from dualoptim_jax.unlearn.checkpoint import CheckpointMismatchError, checkpointed_unlearn
+from dualoptim_jax.unlearn import distributed, metrics, pretrained, report
+from dualoptim_jax.unlearn.checkpoint import (
+  CheckpointCorruptError,
+  CheckpointMismatchError,
+  checkpointed_unlearn,
+)
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.trainer import PRESETS, finetune, preset_available
 
@@ -107,6 +118,10 @@ class RunConfig:
   checkpoint_every: int = 50
   keep_checkpoints: int = 3
   resume: bool = False
+  coordinator: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  distributed_timeout: int = distributed.DEFAULT_TIMEOUT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     help="continue each run from its latest checkpoint in --checkpoint-dir (finished runs are "
     "restored, not rerun)",
   )
+  g = p.add_argument_group("processes (JAX multi-process runtime)")
+  g.add_argument(
+    "--coordinator",
+    default=d.coordinator,
+    help="HOST:PORT of process 0's coordination service; with --num-processes and --process-id "
+    "(default: detect SLURM / TPU pods / the local launcher, else one process)",
+  )
+  g.add_argument("--num-processes", type=int, default=d.num_processes)
+  g.add_argument("--process-id", type=int, default=d.process_id)
+  g.add_argument(
+    "--distributed-timeout",
+    type=int,
+    default=d.distributed_timeout,
+    help="seconds to wait for the other processes to join; a process silent this long is "
+    "declared dead and the job stops",
+  )
   return p
 
 
@@ -306,6 +337,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     ("--max-len", a.max_len, 8),
     ("--checkpoint-every", a.checkpoint_every, 1),
     ("--keep-checkpoints", a.keep_checkpoints, 1),
+    ("--distributed-timeout", a.distributed_timeout, 1),
   ):
     if value < low:
       parser.error(f"{flag} must be >= {low}, got {value}")
@@ -383,7 +415,10 @@ def _digest(*parts: Any) -> str:
 def save_params(model: nnx.Module, path: Path) -> None:
   """Writes the module's ``nnx.Param`` arrays to an ``.npz`` (atomically)."""
   leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+  # Every process gathers (a collective), process 0 writes.
+  arrays = {jax.tree_util.keystr(k): sharding.host_value(v) for k, v in leaves}
+  if not distributed.is_primary():
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp.npz")
   np.savez(tmp, **arrays)
@@ -448,7 +483,7 @@ def tuned_model(
     cfg.max_len,
   )
   path = cache / "models" / f"{kind}-{name}-{key}.npz"
-  if path.is_file():
+  if distributed.all_true(path.is_file()):  # every process loads, or every process trains
     if (
       init is not None
     ):  # load into a copy with its own arrays: the pretrained model stays as it is
@@ -520,8 +555,15 @@ def _run_fingerprint(
 
 
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
-  """Runs the experiment of ``cfg`` and writes the report; returns the results.json document."""
+  """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
+
+  In a multi-process job every process runs this; process 0 alone logs, shows progress and
+  writes the report.
+  """
   t_start = time.perf_counter()
+  if not distributed.is_primary():
+    cfg = dataclasses.replace(cfg, progress=False)
+    log = lambda *args, **kwargs: None  # noqa: E731
   data = load_data(cfg)
   log(data.summary())
   cache = _cache_dir(cfg)
@@ -647,6 +689,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, jax devices {jax.devices()}",
     "timings": {k: round(v, 1) for k, v in timings.items()},
   }
+  if not distributed.is_primary():
+    doc = report.results_json(results, loss_histories=histories, config=config)
+    return json.loads(json.dumps(doc))
   files = report.write_report(
     cfg.out,
     results,
@@ -658,13 +703,41 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   return json.loads(files.json.read_text())
 
 
+def join_processes(argv: Sequence[str] | None = None) -> distributed.ProcessSetup:
+  """Joins the multi-process job the flags (or the environment) describe; before any JAX work."""
+  a, _ = build_parser().parse_known_args(argv)
+  try:
+    return distributed.initialize(
+      a.coordinator, a.num_processes, a.process_id, timeout=a.distributed_timeout
+    )
+  except ValueError as e:
+    raise SystemExit(f"dualoptim-unlearn: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  join_processes(argv)
   cfg = parse_args(argv)
   try:
     run(cfg)
-  except (D.DataFormatError, CheckpointMismatchError, FileExistsError) as e:
+  except (
+    D.DataFormatError,
+    CheckpointMismatchError,
+    CheckpointCorruptError,
+    metrics.NonFiniteOutputError,
+    FileExistsError,
+  ) as e:
     print(f"dualoptim-unlearn: {e}", file=sys.stderr)
     return 2
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: in a multi-process job, almost always a peer that died.
+    print(
+      f"dualoptim-unlearn: process {jax.process_index()}: a collective with the other processes "
+      f"failed, so one of them has most likely died; stopping ({' '.join(str(e).split())[:300]})",
+      file=sys.stderr,
+    )
+    return 3
   return 0
 
 

@@ -28,6 +28,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from dualoptim_jax.launch import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
@@ -38,6 +39,7 @@ __all__ = [
   "resolve",
   "initialize",
   "is_primary",
+  "all_true",
 ]
 
 DEFAULT_TIMEOUT = 120  # seconds
@@ -166,3 +168,17 @@ def initialize(
 def is_primary() -> bool:
   """True in the process that writes reports and prints progress (process 0)."""
   return jax.process_index() == 0
+
+
+def all_true(flag: bool) -> bool:
+  """Whether ``flag`` holds in every process (a collective; ``flag`` itself in one process).
+
+  For decisions that must agree across processes although each process sees its own disk
+  (e.g. a cache file written on host 0 only): otherwise one process would train while another
+  loads, and the next collective would wait forever.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))

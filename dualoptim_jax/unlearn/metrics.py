@@ -46,6 +46,7 @@ from flax import nnx
 from scipy import special, stats
 
 from dualoptim_jax.models.generate import greedy_generate
+from dualoptim_jax.sharding import host_value
 from dualoptim_jax.unlearn.data import PROMPT_TEMPLATE, collate, encode_qa
 from dualoptim_jax.unlearn.losses import answer_logprobs
 
@@ -656,7 +657,7 @@ def model_fns(
     graphdef, state = nnx.split(model)  # split per call: the model may have been updated
     sums = _answer_logprob_sums(graphdef, state, batch["input_ids"], batch["answer_mask"])
     n = len(encoded)
-    return np.asarray(sums, np.float64)[:n], batch["answer_mask"][:n].sum(-1).astype(np.float64)
+    return host_value(sums).astype(np.float64)[:n], batch["answer_mask"][:n].sum(-1).astype(np.float64)
 
   def generate_fn(questions: Sequence[str]) -> list[str]:
     prompts = [
