@@ -133,6 +133,19 @@ def test_a_run_never_overwrites_checkpoints_without_resume(tmp_path):
     C.run_with_checkpoints(runner, iter(()), iter(()), 5, ckpt, progress=False)
 
 
+def test_params_round_trip_and_mismatch(tmp_path):
+  model = Llama(LlamaConfig.tiny(50), rngs=nnx.Rngs(0))
+  C.save_params(model, tmp_path / "m")
+  other = Llama(LlamaConfig.tiny(50), rngs=nnx.Rngs(1))
+  C.load_params(other, tmp_path / "m")
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(other, nnx.Param))
+  ):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(C.CheckpointMismatchError, match="has shape"):
+    C.load_params(Llama(LlamaConfig.tiny(60), rngs=nnx.Rngs(0)), tmp_path / "m")
+
+
 # --------------------------------------------------------------------------- mismatches
 
 

@@ -1,13 +1,13 @@
-"""Tests for dualoptim_jax.unlearn.data: loaders, synthetic data, tokenisation, batching."""
+"""Tests for dualoptim_jax.unlearn.data: loaders, tokenisation, batching."""
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dualoptim_jax.unlearn import data as D
+from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(
@@ -69,7 +69,7 @@ def _write_mini_tofu(root: Path, data: D.UnlearningData, n_tasks: int = 10):
 
 @pytest.fixture(scope="module")
 def synth():
-  return D.synthetic_tofu(seed=0, n_authors=20, qa_per_author=10, forget_fraction=0.2)
+  return synthetic_tofu(seed=0, n_authors=20, qa_per_author=10, forget_fraction=0.2)
 
 
 # --------------------------------------------------------------------------- loaders (no shared data)
@@ -198,51 +198,6 @@ def test_real_world_maps_neighbor_to_retain():
   assert len(one.real_authors) == 100  # found in the sibling tofu folder
   with pytest.raises(ValueError, match="task_id must be None or one of"):
     D.load_real_world(SHARED, task_id=99)
-
-
-# --------------------------------------------------------------------------- synthetic data
-
-
-def test_synthetic_is_deterministic_and_seed_dependent():
-  a, b = D.synthetic_tofu(seed=3), D.synthetic_tofu(seed=3)
-  assert a == b
-  assert D.synthetic_tofu(seed=4).forget != a.forget
-
-
-def test_synthetic_schema_and_author_split(synth):
-  assert (len(synth.forget), len(synth.retain)) == (40, 160)  # 4 of 20 authors forgotten
-  name = lambda it: re.search(r"[A-Z][a-z]+ [A-Z][a-z]+", it.question).group(0)
-  forget_names, retain_names = {name(it) for it in synth.forget}, {name(it) for it in synth.retain}
-  assert len(forget_names) == 4 and len(retain_names) == 16 and not forget_names & retain_names
-  assert [it.question for it in synth.forget] == [it.question for it in synth.forget_eval]
-  assert {it.question for it in synth.retain_eval} <= {it.question for it in synth.retain}
-  for it in synth.forget_eval + synth.retain_eval:
-    assert it.paraphrased_answer and it.paraphrased_question
-    assert len(set(it.perturbed_answers)) == 5 and it.paraphrased_answer not in it.perturbed_answers
-  for it in synth.real_authors + synth.world_facts:
-    assert len(it.perturbed_answers) == 3 and it.answer not in it.perturbed_answers
-  assert synth.idk_answers == list(D.BUILTIN_IDK_ANSWERS)
-
-
-def test_synthetic_default_is_small():
-  d = D.synthetic_tofu()
-  assert (len(d.forget), len(d.retain)) == (20, 180)
-  assert max(len(it.answer) for it in d.forget + d.retain) < 60
-
-
-@pytest.mark.parametrize(
-  "kwargs, message",
-  [
-    ({"n_authors": 1}, "n_authors must be in 2..320, got 1"),
-    ({"qa_per_author": 11}, "qa_per_author must be in 1..10, got 11"),
-    ({"forget_fraction": 1.0}, r"forget_fraction must be in \(0, 1\), got 1.0"),
-    ({"n_general": 0}, "n_general must be in 1..16, got 0"),
-    ({"n_retain_eval_authors": 19}, "n_retain_eval_authors must be in 1..18, got 19"),
-  ],
-)
-def test_synthetic_validates_arguments(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    D.synthetic_tofu(**kwargs)
 
 
 # --------------------------------------------------------------------------- tokenisation

@@ -462,3 +462,36 @@ def test_evaluate_with_real_tofu_files(shared_data):
   assert out["world_facts_prob"] == pytest.approx(0.25)
   assert out["forget_truth_ratio"] == pytest.approx(1.0)
   assert out["forget_rouge"] == 0.0 and out["model_utility"] == 0.0
+
+
+def test_summarize_half_is_summarize_of_the_halves_items():
+  rng = np.random.default_rng(0)
+  per_item = {
+    split: {
+      "prob": rng.uniform(0.1, 1, 6).tolist(),
+      "rouge": rng.uniform(0.1, 1, 6).tolist(),
+      "truth_ratio": rng.uniform(0.2, 2, 6).tolist(),
+      "generation": ["x"] * 6,
+      "token_entropy": rng.uniform(0.1, 1, 6).tolist(),
+    }
+    for split in ("forget", "retain")
+  }
+  ref = rng.uniform(0.2, 2, 6)
+  got = M.summarize_half({"per_item": per_item}, "test", retain_only_truth_ratios=ref)
+  odd = lambda v: np.asarray(v)[1::2]
+  want = M.summarize(
+    {
+      s: M.SplitScores(
+        odd(d["prob"]),
+        odd(d["rouge"]),
+        odd(d["truth_ratio"]),
+        {"token_entropy": odd(d["token_entropy"])},
+      )
+      for s, d in per_item.items()
+    },
+    retain_only_truth_ratios=odd(ref),
+  )
+  assert got == want
+  assert M.half(5, "validation").tolist() == [0, 2, 4] and M.half(5, "test").tolist() == [1, 3]
+  with pytest.raises(ValueError, match="too few to halve"):
+    M.summarize_half({"per_item": {"forget": {"prob": [0.5]}}}, "test")

@@ -20,6 +20,7 @@ from dualoptim_jax.unlearn import cli
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import pretrained as P
 from dualoptim_jax.unlearn.losses import answer_mean_logprobs, make_objective
+from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 from dualoptim_jax.unlearn.trainer import finetune, unlearn
 
 needs_smollm2 = pytest.mark.skipif(
@@ -38,7 +39,7 @@ def test_resolve_model_errors(tmp_path):
 
 
 def test_subset_keeps_evaluation_sets_matched():
-  data = D.synthetic_tofu(n_authors=10, qa_per_author=5, forget_fraction=0.2)
+  data = synthetic_tofu(n_authors=10, qa_per_author=5, forget_fraction=0.2)
   sub = P.subset(data, 3, 4)
   assert sub.forget == data.forget[:3]
   assert [it.question for it in sub.forget_eval] == [it.question for it in sub.forget]
@@ -67,7 +68,7 @@ def test_model_flag_switches_defaults_but_explicit_flags_win():
     P.DEFAULTS["max_len"],
     P.DEFAULTS["finetune_epochs"],
   )
-  assert cfg.lr == 7e-5 and cfg.seeds == cli._int_list(P.DEFAULTS["seeds"], "--seeds")
+  assert cfg.lr == 7e-5 and cfg.seeds == P.DEFAULTS["seeds"]
   with pytest.raises(SystemExit):
     cli.parse_args(["--model", "smollm2", "--model-layers", "0"])
 
@@ -88,7 +89,7 @@ def test_truncate_layers_keeps_the_first_blocks():
 
 def test_main_job_from_a_safetensors_directory(tmp_path):
   """``--model DIR`` end to end on a tiny checkpoint: pretrained start, cached tuned models."""
-  data = D.synthetic_tofu()
+  data = synthetic_tofu()
   tok = Tokenizer.train(cli.corpus(data), vocab_size=300, cache_path=tmp_path / "tok")
   save_pretrained(
     Llama(LlamaConfig.tiny(tok.vocab_size), rngs=nnx.Rngs(0)), tmp_path / "ckpt", tokenizer=tok
@@ -161,7 +162,7 @@ def test_smollm2_finetune_then_unlearn_forgets_and_keeps_retain():
   forget 0.592 (0.68x) / retain 0.716 (0.85x). At lr 2e-4 forget fell only to 0.788 (retain
   rose to 0.918); at 7e-4 retain fell too (0.56x). docs/smollm2.md has the full-model run.
   """
-  syn = D.synthetic_tofu(n_authors=2, qa_per_author=8, forget_fraction=0.5)
+  syn = synthetic_tofu(n_authors=2, qa_per_author=8, forget_fraction=0.5)
   forget, retain = syn.forget[:4], syn.retain[4:8]
   model, tok, _ = P.load_model("smollm2", n_layers=2)
   length = 40

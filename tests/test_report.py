@@ -7,8 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from dualoptim_jax.unlearn import report as R
+from dualoptim_jax.unlearn.jsonable import jsonable
 
 COMPONENTS = {
   "model_utility": ["retain_prob", "retain_rouge"],
@@ -90,12 +92,16 @@ def test_markdown_table_rows_columns_values():
   assert rows["Initial"][1] == "1"
   assert rows["Initial"][col["forget_quality"]] == "–"
   assert rows["Initial"][col["forget_efficacy"]] == "0.2000"
-  assert rows["joint"][col["forget_prob"]] == "0.2000 ± 0.1000"
-  fq = [0.5, 0.5, 2e-5]
-  assert rows["joint"][col["forget_quality"]] == f"{np.mean(fq):.4f} ± {np.std(fq, ddof=1):.4f}"
-  assert (
-    rows["dualoptim_plus"][col["forget_quality"]] == f"0.8000 ± {np.std([0.9, 0.7], ddof=1):.4f}"
-  )
+
+  def cell(values):  # mean ± std [95 % Student-t interval], computed independently
+    m, s = np.mean(values), np.std(values, ddof=1)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=m, scale=s / np.sqrt(len(values)))
+    return f"{m:.4f} ± {s:.4f} [{lo:.4f}, {hi:.4f}]"
+
+  assert rows["joint"][col["forget_prob"]] == cell([0.1, 0.2, 0.3])
+  assert rows["joint"][col["forget_prob"]].startswith("0.2000 ± 0.1000 [")
+  assert rows["joint"][col["forget_quality"]] == cell([0.5, 0.5, 2e-5])
+  assert rows["dualoptim_plus"][col["forget_quality"]] == cell([0.9, 0.7])
 
 
 def test_write_report_files(tmp_path, capsys):
@@ -138,7 +144,7 @@ def test_plot_without_histories(tmp_path):
 
 
 def test_jsonable_numpy_and_nan():
-  doc = R._jsonable(
+  doc = jsonable(
     {
       "a": np.float32(0.5),
       "b": np.array([1, 2]),
@@ -174,3 +180,26 @@ def test_histories_with_series_method(tmp_path):
   doc = json.loads(files.json.read_text())
   assert doc["loss_histories"]["joint"][0]["forget"] == [[0, 2.0], [6, 1.5]]
   assert files.plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_comparison_by_hand():
+  results = {
+    "dualoptim_plus": [{"seed": s, "overall": v} for s, v in ((0, 0.6), (1, 0.7), (2, 0.65))],
+    "joint": [{"seed": s, "overall": v} for s, v in ((0, 0.5), (1, 0.62), (2, 0.5))],
+    "Initial": [{"overall": 0.3}],  # no seed in common: left out
+  }
+  (c,) = R.paired_comparison(results, "dualoptim_plus")
+  d = [0.1, 0.08, 0.15]
+  assert c["baseline"] == "joint" and c["seeds"] == 3
+  assert c["mean_difference"] == pytest.approx(np.mean(d))
+  assert c["p_value"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+  assert c["ci"][0] < np.mean(d) < c["ci"][1]
+  assert "| joint | 3 | +0.1100 |" in R.comparison_markdown([c], "dualoptim_plus")
+
+
+def test_pareto_front_and_tradeoff_plot(tmp_path):
+  assert R.pareto_front([(0.5, 0.5), (0.6, 0.4), (0.4, 0.4), (0.5, 0.6)]) == [1, 3]
+  runs = lambda mu, ufe: [{"model_utility": mu + e, "forget_efficacy": ufe - e} for e in (0, 0.02)]
+  curves = {"a": [("x=1", runs(0.5, 0.5)), ("x=2", runs(0.4, 0.7))], "b": [("x=1", runs(0.3, 0.3))]}
+  png = R.plot_tradeoff(tmp_path / "t.png", curves).read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -1,7 +1,5 @@
 """Tests for dualoptim_jax.unlearn.trainer: presets, modes, determinism, resume, end to end."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-import dualoptim_jax as dj
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
 from dualoptim_jax.unlearn import trainer as T
+from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 
 V, LEN = 11, 8
 
@@ -82,23 +80,12 @@ def test_preset_table_is_the_papers_six_settings():
 
 
 @pytest.mark.parametrize("name", list(T.PRESETS))
-def test_every_preset_builds_or_says_what_is_missing(name):
-  spec = T.PRESETS[name]
-  factory = getattr(dj, spec.optimizer, None)
-  supported = spec.optimizer == "adamw" or (
-    factory is not None
-    and (spec.state_bits == 32 or "state_bits" in inspect.signature(factory).parameters)
-  )
-  if supported:
-    tx = T.make_optimizer(name, 1e-3, forget_lr_scale=2.0)
-    assert isinstance(tx, optax.GradientTransformationExtraArgs)
-    assert T.preset_available(name)
-  else:
-    with pytest.raises(
-      NotImplementedError, match=f"preset '{name}' needs dualoptim_jax.{spec.optimizer}"
-    ):
-      T.make_optimizer(name, 1e-3)
-    assert not T.preset_available(name)
+def test_every_preset_builds(name):
+  tx = T.make_optimizer(name, 1e-3, forget_lr_scale=2.0)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  config = T.optimizer_config(name, 1e-3, forget_lr_scale=2.0)
+  assert config["state_bits"] == T.PRESETS[name].state_bits and config["forget_lr_scale"] == 2.0
+  assert config["weight_decay"] == 0.01  # defaults are filled in
 
 
 # --------------------------------------------------------------------------- modes
@@ -238,7 +225,7 @@ def tuned():
   from dualoptim_jax.models.llama import Llama, LlamaConfig
   from dualoptim_jax.models.tokenizer import Tokenizer
 
-  data = D.synthetic_tofu(seed=0, n_authors=8, qa_per_author=5, forget_fraction=0.25)
+  data = synthetic_tofu(seed=0, n_authors=8, qa_per_author=5, forget_fraction=0.25)
   tok = Tokenizer.train(
     [f"{it.question} {it.answer}" for it in data.forget + data.retain] + data.idk_answers,
     vocab_size=400,
@@ -315,3 +302,90 @@ def test_runs_that_differ_only_in_seed_share_compiled_steps(toy):
   assert not np.array_equal(
     out.history.forget, run(0).history.forget, equal_nan=True
   )  # the seed still matters
+
+
+# --------------------------------------------------------------------------- one recipe
+
+
+def test_one_objectives_stream_gives_joint_alternate_and_dualoptim_the_same_updates():
+  """The recipe is the same for every preset: clipping -> Adam (0.9, 0.95) -> decay on weights
+  only -> linearly decaying learning rate. Fed only forget gradients, the three make the updates
+  of that reference chain, a huge gradient clipped alike and the bias and norm scale undecayed."""
+  params = {
+    "dense": {"kernel": jnp.full((3, 4), 0.5), "bias": jnp.full((4,), 0.5)},
+    "final_norm": {"scale": jnp.full((4,), 0.5)},
+  }
+  rng = np.random.default_rng(0)
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    for _ in range(6)
+  ]
+  grads[2] = jax.tree.map(lambda g: 1e6 * g, grads[2])  # clipped to norm 1 like the others
+  reference = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.scale_by_adam(0.9, 0.95, 1e-8),
+    optax.add_decayed_weights(
+      0.1, {"dense": {"kernel": True, "bias": False}, "final_norm": {"scale": False}}
+    ),
+    optax.scale_by_learning_rate(optax.linear_schedule(1e-2, 0.0, 6)),
+  )
+
+  def run(tx, **kwargs):
+    state, p, out = tx.init(params), params, []
+    for g in grads:
+      u, state = tx.update(g, state, p, **kwargs)
+      p = optax.apply_updates(p, u)
+      out.append(u)
+    return out
+
+  want = run(reference)
+  for preset, kwargs in (
+    ("joint", {}),
+    ("alternate", {"objective": 0}),
+    ("dualoptim", {"objective": 0}),
+  ):
+    tx = T.make_optimizer(preset, 1e-2, weight_decay=0.1, decay_steps=6, retain_lr_scale=3.0)
+    for got, exp in zip(run(tx, **kwargs), want):
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exp)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12, err_msg=preset)
+  assert [
+    T.decays(n)
+    for n in (
+      "layers.0.mlp.up_proj.kernel",
+      "out.bias",
+      "layers.0.input_layernorm.scale",
+      "norm.scale",
+      "embed_tokens.embedding",
+    )
+  ] == [True, False, False, False, True]
+  with pytest.raises(ValueError, match="max_grad_norm must be >= 0"):
+    T.make_optimizer("joint", 1e-2, max_grad_norm=-1)
+
+
+def test_learning_rate_schedule_is_the_trainers_linear_warmup_and_decay():
+  lr = T.learning_rate_schedule(1.0, warmup_steps=2, decay_steps=6)
+  assert [float(lr(n)) for n in range(7)] == pytest.approx([0, 0.5, 1, 0.75, 0.5, 0.25, 0])
+  assert T.learning_rate_schedule(0.3) == 0.3  # no horizon: constant
+  config = T.optimizer_config("dualoptim_plus", 1.0, decay_steps=4, forget_lr_scale=2.0)
+  assert T.step_size(config, 1, 0) == pytest.approx(1.5) and T.step_size(config, 1, 1) == 0.75
+  assert (
+    config["b2"] == 0.95 and config["max_grad_norm"] == 1.0 and config["careful_rounding"] is False
+  )
+
+
+def test_unlearn_records_its_settings_and_the_largest_update(toy):
+  model, forget, retain = toy
+  out = T.unlearn(
+    model,
+    L.make_objective("GA+GD"),
+    *_iters(forget, retain),
+    preset="alternate",
+    learning_rate=1e-2,
+    num_updates=6,
+    progress=False,
+  )
+  assert (
+    out.config["optimizer"]["decay_steps"] == 6 and out.config["schedule"]["mode"] == "alternate"
+  )
+  # Adam's first step moves every element by about one learning rate.
+  assert 0.5 < out.stability["max_update_ratio"] < 10 and out.stability["elements_over_10x_lr"] == 0

@@ -1,20 +1,15 @@
 """Unlearning of language models with any optax transform.
 
-Data flows one way: :mod:`.data` -> :mod:`.losses` -> :mod:`.trainer` ->
+Data flows one way: :mod:`.data` (and :mod:`.synthetic`) -> :mod:`.losses` -> :mod:`.trainer` ->
 :mod:`.metrics` -> :mod:`.report`; :mod:`.cli` wires them into the main job
 (``dualoptim-unlearn``).
 """
 
-from dualoptim_jax.unlearn.data import (
-  QAItem,
-  UnlearningData,
-  load_real_world,
-  load_tofu,
-  synthetic_tofu,
-)
-from dualoptim_jax.unlearn.losses import make_objective
+from dualoptim_jax.unlearn.data import QAItem, UnlearningData, load_real_world, load_tofu
+from dualoptim_jax.unlearn.losses import UnlearningLoss, make_objective
 from dualoptim_jax.unlearn.metrics import evaluate, register_metric
 from dualoptim_jax.unlearn.report import write_report
+from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 from dualoptim_jax.unlearn.trainer import PRESETS, Unlearner, finetune, make_optimizer, unlearn
 
 __all__ = [
@@ -22,6 +17,7 @@ __all__ = [
   "QAItem",
   "Unlearner",
   "UnlearningData",
+  "UnlearningLoss",
   "evaluate",
   "finetune",
   "load_real_world",

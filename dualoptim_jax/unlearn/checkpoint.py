@@ -39,9 +39,7 @@ no partial step behind.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from dualoptim_jax.unlearn import integrity
 from dualoptim_jax.unlearn.integrity import CheckpointCorruptError
-from dualoptim_jax.unlearn.losses import Objective
-from dualoptim_jax.unlearn.trainer import (
-  PRESETS,
-  LossHistory,
-  Unlearner,
-  UnlearnResult,
-  make_optimizer,
-  unlearn,
-)
+from dualoptim_jax.unlearn.jsonable import jsonable
+from dualoptim_jax.unlearn.paths import named_leaves
+from dualoptim_jax.unlearn.trainer import LossHistory, Unlearner
 
 __all__ = [
   "CheckpointMismatchError",
@@ -72,7 +65,9 @@ __all__ = [
   "save_unlearner",
   "restore_unlearner",
   "run_with_checkpoints",
-  "checkpointed_unlearn",
+  "RunCheckpointer",
+  "save_params",
+  "load_params",
 ]
 
 _ITEMS = ("arrays", "state", "fingerprint")
@@ -87,23 +82,6 @@ class CheckpointMismatchError(ValueError):
 
 # ------------------------------------------------------------------------------------------------
 # Fingerprints.
-
-
-def _jsonable(value: Any) -> Any:
-  """Plain JSON data of a config value (dataclasses, tuples, numpy scalars, dtypes)."""
-  if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-  if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, (bool, str)) or value is None:
-    return value
-  if isinstance(value, (int, np.integer)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else str(float(value))
-  return str(value)
 
 
 def fingerprint(
@@ -132,7 +110,7 @@ def fingerprint(
   sections = dict(
     model=model, preset=preset, optimizer=optimizer, loss=loss, schedule=schedule, **extra
   )
-  return {k: _jsonable(v) for k, v in sections.items() if v is not None}
+  return {k: jsonable(v) for k, v in sections.items() if v is not None}
 
 
 def _flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -160,37 +138,6 @@ def fingerprint_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any])
 
 # ------------------------------------------------------------------------------------------------
 # Arrays by name.
-
-
-def _key_name(key: Any) -> str | None:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    # The array inside an nnx.Variable is its ``value``: leave it out of the name.
-    return None if key.name == "value" else key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def named_leaves(tree: Any) -> dict[str, Any]:
-  """``{"layers.0.mlp.up_proj.kernel": leaf, ...}``: a pytree's leaves by readable, unique name.
-
-  Names join the path's keys with dots (dict keys, sequence indices, NamedTuple fields) and
-  leave out the ``value`` of an ``nnx.Variable``; a lone leaf is named ``""``.
-  """
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  out: dict[str, Any] = {}
-  for path, leaf in flat:
-    name = ".".join(n for n in map(_key_name, path) if n is not None)
-    if name in out:
-      raise ValueError(
-        f"two leaves of the tree are both named {name!r}; cannot checkpoint it by name"
-      )
-    out[name] = leaf
-  return out
 
 
 def _abstract(tree: Any) -> Any:
@@ -294,7 +241,7 @@ class Checkpointer:
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
       raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
     self.directory = Path(directory).expanduser().resolve()
-    self.fingerprint = _jsonable(dict(fingerprint))
+    self.fingerprint = jsonable(dict(fingerprint))
     self.every = every
     self.keep = keep
     options = ocp.CheckpointManagerOptions(
@@ -349,7 +296,7 @@ class Checkpointer:
       group: {k: jnp.copy(v) for k, v in named_leaves(tree).items()}
       for group, tree in arrays.items()
     }
-    state = {**_jsonable(dict(state or {})), _CHECKSUMS: integrity.checksums(named)}
+    state = {**jsonable(dict(state or {})), _CHECKSUMS: integrity.checksums(named)}
     self._manager.save(
       step,
       force=True,
@@ -504,25 +451,6 @@ class Checkpointer:
 # Unlearning runs.
 
 
-def _history_rows(history: LossHistory) -> list[list[Any]]:
-  nan_to_none = lambda v: None if math.isnan(v) else float(v)
-  return [
-    [int(u), int(k), nan_to_none(f), nan_to_none(r)]
-    for u, k, f, r in zip(history.update, history.objective, history.forget, history.retain)
-  ]
-
-
-def _history(rows: Sequence[Sequence[Any]]) -> LossHistory:
-  cols = list(zip(*rows)) if rows else [(), (), (), ()]
-  none_to_nan = lambda vs: np.asarray([math.nan if v is None else v for v in vs], np.float64)
-  return LossHistory(
-    np.asarray(cols[0], np.int64),
-    np.asarray(cols[1], np.int64),
-    none_to_nan(cols[2]),
-    none_to_nan(cols[3]),
-  )
-
-
 def _arrays(unlearner: Unlearner) -> dict[str, Any]:
   return {"params": unlearner.params, "opt_state": unlearner.opt_state}
 
@@ -532,25 +460,26 @@ def save_unlearner(
   unlearner: Unlearner,
   forget_batches: Any,
   retain_batches: Any,
-  history: Iterable[Sequence[Any]] = (),
   *,
   force: bool = False,
 ) -> bool:
   """Checkpoints an :class:`~dualoptim_jax.unlearn.trainer.Unlearner` at its update count.
 
-  Saves params, optimizer state, both iterators' positions and the loss-history rows
-  (``[update, objective, forget, retain]``). Returns whether a checkpoint was started.
+  Saves params, optimizer state, both iterators' positions and the loss history so far.
+  Returns whether a checkpoint was started.
   """
   step = unlearner.update_count
   if not (force or ckpt.should_save(step)):
     return False
-  state = {
+  state = unlearner.state_dict()
+  json_state = {
     "update": step,
     "forget_batches": forget_batches.state_dict(),
     "retain_batches": retain_batches.state_dict(),
-    "history": [list(r) for r in history],
+    "history": state["history"],
+    "stability": state["stability"],
   }
-  return ckpt.save(step, _arrays(unlearner), state, force=force)
+  return ckpt.save(step, _arrays(unlearner), json_state, force=force)
 
 
 def restore_unlearner(
@@ -559,18 +488,21 @@ def restore_unlearner(
   forget_batches: Any,
   retain_batches: Any,
   step: int | None = None,
-) -> list[list[Any]]:
-  """Loads a checkpoint into ``unlearner`` and the iterators (onto the unlearner's mesh).
-
-  Returns the loss-history rows saved with it.
-  """
+) -> None:
+  """Loads a checkpoint into ``unlearner`` (onto its mesh) and the iterators."""
   arrays, state, _ = ckpt.restore(_arrays(unlearner), step)
   _load(unlearner, forget_batches, retain_batches, arrays, state)
-  return [list(r) for r in state.get("history", [])]
 
 
 def _load(unlearner, forget_batches, retain_batches, arrays, state) -> None:
-  unlearner.load_state_dict({**arrays, "update": state["update"]})
+  unlearner.load_state_dict(
+    {
+      **arrays,
+      "update": state["update"],
+      "history": state.get("history", []),
+      "stability": state.get("stability", (0.0, 0)),
+    }
+  )
   forget_batches.load_state_dict(state["forget_batches"])
   retain_batches.load_state_dict(state["retain_batches"])
 
@@ -597,7 +529,6 @@ def run_with_checkpoints(
   Returns:
     The loss history of all ``num_updates`` updates (restored rows included).
   """
-  rows: list[list[Any]] = []
   latest = ckpt.latest_step()
   if latest is not None:
     if not resume:
@@ -614,13 +545,11 @@ def run_with_checkpoints(
       _arrays(unlearner), log=lambda msg: log(f"[{desc}] {msg}")
     )
     _load(unlearner, forget_batches, retain_batches, arrays, state)
-    rows = [list(r) for r in state.get("history", [])]
     log(f"[{desc}] resumed from {ckpt.directory} at update {step} of {num_updates}")
 
   def on_update(update: int, losses: Mapping[str, float]) -> None:
-    k = unlearner.objective_at(update)
-    rows.append([update, -1 if k is None else int(k), losses.get("forget"), losses.get("retain")])
-    save_unlearner(ckpt, unlearner, forget_batches, retain_batches, rows)
+    del update, losses
+    save_unlearner(ckpt, unlearner, forget_batches, retain_batches)
 
   unlearner.run(
     forget_batches,
@@ -630,104 +559,93 @@ def run_with_checkpoints(
     desc=desc,
     on_update=on_update,
   )
-  save_unlearner(ckpt, unlearner, forget_batches, retain_batches, rows, force=True)
+  save_unlearner(ckpt, unlearner, forget_batches, retain_batches, force=True)
   ckpt.wait()
-  return _history(rows)
+  return unlearner.history
 
 
-def checkpointed_unlearn(
-  model: Any,
-  objective: Objective,
-  forget_batches: Any,
-  retain_batches: Any,
-  *,
-  preset: str = "dualoptim_plus",
-  learning_rate: float = 1e-5,
-  num_updates: int,
-  forget_lr_scale: float = 1.0,
-  retain_lr_scale: float = 1.0,
-  weight_decay: float = 0.01,
-  forget_steps: int = 1,
-  retain_steps: int = 5,
-  ref_model: Any = None,
-  progress: bool = True,
-  mesh: Any = None,
-  checkpoint_dir: str | Path | None = None,
-  every: int | None = None,
-  keep: int | None = 3,
-  resume: bool = False,
-  fingerprint_extra: Mapping[str, Any] | None = None,
-  log=print,
-) -> UnlearnResult:
-  """:func:`~dualoptim_jax.unlearn.trainer.unlearn` with orbax checkpoints in ``checkpoint_dir``.
+class RunCheckpointer:
+  """Orbax checkpoints for :func:`~dualoptim_jax.unlearn.trainer.unlearn`'s ``checkpointer=``.
 
-  Without ``checkpoint_dir`` this is ``unlearn(..., mesh=mesh)``. With it, the run saves every
-  ``every`` updates and at the end, keeping the last ``keep``; ``resume`` continues from the
-  latest checkpoint there. The fingerprint records the model config, the preset and its
-  hyperparameters, the objective and the schedule, plus ``fingerprint_extra`` (e.g. the seed and
+  ``unlearn(..., checkpointer=RunCheckpointer(directory, every=50))`` saves every ``every``
+  updates and at the end, keeping the last ``keep``; with ``resume`` it continues from the latest
+  checkpoint in ``directory``. The fingerprint is the run's settings (preset, optimizer, loss,
+  schedule; from ``unlearn``), the model's config and ``fingerprint_extra`` (e.g. the seed and
   what the starting model was built from).
   """
-  if checkpoint_dir is None:
-    return unlearn(
-      model,
-      objective,
-      forget_batches,
-      retain_batches,
-      preset=preset,
-      learning_rate=learning_rate,
-      num_updates=num_updates,
-      forget_lr_scale=forget_lr_scale,
-      retain_lr_scale=retain_lr_scale,
-      weight_decay=weight_decay,
-      forget_steps=forget_steps,
-      retain_steps=retain_steps,
-      ref_model=ref_model,
-      progress=progress,
-      mesh=mesh,
+
+  def __init__(
+    self,
+    directory: str | Path,
+    *,
+    every: int | None = None,
+    keep: int | None = 3,
+    resume: bool = False,
+    fingerprint_extra: Mapping[str, Any] | None = None,
+    log=print,
+  ):
+    self.directory = directory
+    self.every, self.keep, self.resume = every, keep, resume
+    self.fingerprint_extra = dict(fingerprint_extra or {})
+    self.log = log
+
+  def run(
+    self,
+    unlearner: Unlearner,
+    forget_batches: Any,
+    retain_batches: Any,
+    num_updates: int,
+    *,
+    config: Mapping[str, Any],
+    progress: bool = True,
+    desc: str = "unlearn",
+  ) -> LossHistory:
+    model = unlearner.model
+    fp = fingerprint(
+      model=getattr(model, "config", type(model).__name__), **config, **self.fingerprint_extra
     )
-  tx = make_optimizer(
-    preset,
-    learning_rate,
-    forget_lr_scale=forget_lr_scale,
-    retain_lr_scale=retain_lr_scale,
-    weight_decay=weight_decay,
-  )
-  spec = PRESETS[preset]
-  runner = Unlearner(
-    model,
-    objective,
-    tx,
-    mode=spec.mode,
-    forget_steps=forget_steps,
-    retain_steps=retain_steps,
-    ref_model=ref_model,
-    mesh=mesh,
-  )
-  fp = fingerprint(
-    model=getattr(model, "config", type(model).__name__),
-    preset=preset,
-    optimizer={
-      "name": spec.optimizer,
-      "state_bits": spec.state_bits,
-      "learning_rate": learning_rate,
-      "forget_lr_scale": forget_lr_scale,
-      "retain_lr_scale": retain_lr_scale,
-      "weight_decay": weight_decay,
-    },
-    loss=objective,
-    schedule={"mode": spec.mode, "forget_steps": forget_steps, "retain_steps": retain_steps},
-    **dict(fingerprint_extra or {}),
-  )
-  with Checkpointer(checkpoint_dir, fingerprint=fp, every=every, keep=keep) as ckpt:
-    history = run_with_checkpoints(
-      runner,
-      forget_batches,
-      retain_batches,
-      num_updates,
-      ckpt,
-      resume=resume,
-      progress=progress,
-      desc=preset,
-      log=log,
-    )
-  return UnlearnResult(runner.model, history)
+    with Checkpointer(self.directory, fingerprint=fp, every=self.every, keep=self.keep) as ckpt:
+      return run_with_checkpoints(
+        unlearner,
+        forget_batches,
+        retain_batches,
+        num_updates,
+        ckpt,
+        resume=self.resume,
+        progress=progress,
+        desc=desc,
+        log=self.log,
+      )
+
+
+# ------------------------------------------------------------------------------------------------
+# Model parameters on their own (the main job's cache of fine-tuned models).
+
+
+def save_params(model: nnx.Module, path: str | Path) -> None:
+  """Writes the module's ``nnx.Param`` arrays to the orbax checkpoint ``path`` (atomically),
+  by :func:`named_leaves` name."""
+  path = Path(path).expanduser().resolve()
+  named = named_leaves(nnx.state(model, nnx.Param))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, named)
+    ckptr.wait_until_finished()
+
+
+def load_params(model: nnx.Module, path: str | Path) -> None:
+  """Loads :func:`save_params` output into ``model`` in place.
+
+  Raises:
+    CheckpointMismatchError: naming the parameters whose names, shapes or dtypes differ.
+  """
+  path = Path(path).expanduser().resolve()
+  state = nnx.state(model, nnx.Param)
+  target = named_leaves(_abstract(state))
+  with ocp.StandardCheckpointer() as ckptr:
+    saved_meta = dict(ckptr.metadata(path).item_metadata)
+    lines = _shape_mismatches({"params": saved_meta}, {"params": target})
+    if lines:
+      raise CheckpointMismatchError(f"cannot load {path} into this model:\n  " + "\n  ".join(lines))
+    saved = ckptr.restore(path, target)
+  leaves = [saved[name] for name in named_leaves(state)]
+  nnx.update(model, jax.tree.structure(state).unflatten(leaves))

@@ -30,7 +30,8 @@ multi-process runtime (:mod:`dualoptim_jax.unlearn.distributed`; without them SL
 are detected, and ``python -m dualoptim_jax.launch -n N -- dualoptim-unlearn ...`` starts N local
 processes); ``--mesh`` then spans every process's devices. Every process draws the same batches
 and puts only its rows on its devices, so the result does not depend on the process count;
-process 0 alone prints progress and writes caches and the report; checkpoints are written by all.
+process 0 alone prints progress and writes the report; checkpoints and the model cache are
+written by all (orbax: each process its shards), on storage every process can reach.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,314 +62,362 @@ from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import distributed, metrics, pretrained, report
-from dualoptim_jax.unlearn.checkpoint import (
-  CheckpointCorruptError,
-  CheckpointMismatchError,
-  checkpointed_unlearn,
-)
+from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
 from dualoptim_jax.unlearn.losses import make_objective
-from dualoptim_jax.unlearn.trainer import PRESETS, finetune, preset_available
+from dualoptim_jax.unlearn.synthetic import synthetic_tofu
+from dualoptim_jax.unlearn.trainer import PRESETS, finetune, unlearn
 
-__all__ = ["RunConfig", "build_parser", "parse_args", "run", "main"]
+__all__ = ["Flag", "flag", "RunConfig", "build_parser", "parse_args", "run", "main"]
 
+PROG = "dualoptim-unlearn"
 MODEL_SIZES = {"tiny": LlamaConfig.tiny, "small": LlamaConfig.small}
 SPLITS = (*D.TOFU_SPLITS, "real_world")
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: the model cache is an orbax checkpoint
+
+
+# ------------------------------------------------------------------------------------------------
+# The flag table.
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+  """How one :class:`RunConfig` field appears on the command line.
+
+  Attributes:
+    help: the ``--help`` line (the default is appended).
+    group: the ``--help`` section.
+    check: ``value -> complaint or None``; the complaint follows the flag's name in the error
+      (``"must be >= 1, got 0"`` gives ``--batch-size must be >= 1, got 0``) unless it starts
+      with the flag's name itself.
+    choices: the allowed strings (argparse lists them in the help and the error).
+    parse: ``text -> value``, replacing the parser derived from the field's type.
+  """
+
+  help: str
+  group: str
+  check: Callable[[Any], str | None] | None = None
+  choices: Sequence[str] | None = None
+  parse: Callable[[str], Any] | None = None
+
+
+def flag(default: Any, help: str, *, group: str, **options: Any) -> Any:
+  """A :class:`RunConfig` field with its :class:`Flag` (``options``: the other Flag fields)."""
+  return dataclasses.field(default=default, metadata={"flag": Flag(help, group, **options)})
+
+
+def at_least(low: float) -> Callable[[Any], str | None]:
+  return lambda v: None if v is None or v >= low else f"must be >= {low}, got {v}"
+
+
+def positive(v: Any) -> str | None:
+  return None if v is None or (math.isfinite(v) and v > 0) else f"must be > 0, got {v}"
+
+
+def _known_presets(names: tuple[str, ...]) -> str | None:
+  unknown = [p for p in names if p not in PRESETS]
+  return f"unknown {unknown}; choose from {', '.join(PRESETS)}" if unknown else None
+
+
+def _existing_model(spec: str | None) -> str | None:
+  try:
+    if spec is not None:
+      pretrained.resolve_model(spec)
+  except (OSError, ValueError) as e:
+    return str(e)  # names the flag: "--model '/x.gguf': no such file or directory ..."
+  return None
+
+
+def _coordinator_address(address: str | None) -> str | None:
+  try:
+    if address is not None:
+      distributed.resolve(address, 1, 0, environ={})
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _mesh_fits(spec: str | None) -> str | None:
+  try:
+    if spec is not None:
+      sharding.parse_mesh_spec(spec, jax.device_count())
+  except ValueError as e:
+    return f"--mesh: {e}"
+  return None
+
+
+DATA, UNLEARN, MODEL, OUTPUT, DEVICES, PROCESSES = (
+  "data",
+  "unlearning",
+  "model",
+  "evaluation and output",
+  "devices and checkpoints",
+  "processes (JAX multi-process runtime)",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """Every setting of a run (the command-line flags; see ``dualoptim-unlearn --help``)."""
+  """Every setting of a run: one field per flag, and the only place a flag is stated.
 
-  data_dir: str | None = None
-  split: str = "forget01"
-  task_id: int | None = None
-  loss: str = "IDK+AP"
-  presets: tuple[str, ...] = tuple(PRESETS)
-  seeds: tuple[int, ...] = (0, 1, 2)
-  steps: int | None = None
-  epochs: float = 5.0
-  batch_size: int = 4
-  lr: float = 3e-4
-  forget_lr_scale: float = 1.0
-  retain_lr_scale: float = 1.0
-  forget_steps: int = 1
-  retain_steps: int = 5
-  forget_coef: float = 1.0
-  retain_coef: float = 1.0
-  beta: float = 0.1
-  weight_decay: float = 0.01
-  model: str | None = None
-  model_layers: int | None = None
-  forget_items: int | None = None
-  retain_items: int | None = None
-  finetune_epochs: float | None = None
-  model_size: str = "small"
-  vocab_size: int | None = None
-  max_len: int = 256
-  finetune_steps: int = 400
-  finetune_lr: float = 2e-3
-  finetune_batch_size: int = 16
-  model_seed: int = 0
-  eval_items: int = 300
-  max_new_tokens: int = 48
-  cache_dir: str | None = None
-  out: str = "results"
-  progress: bool = True
-  mesh: str | None = None
-  checkpoint_dir: str | None = None
-  checkpoint_every: int = 50
-  keep_checkpoints: int = 3
-  resume: bool = False
-  coordinator: str | None = None
-  num_processes: int | None = None
-  process_id: int | None = None
-  distributed_timeout: int = distributed.DEFAULT_TIMEOUT
+  To add a flag, add one field here: ``name: type = flag(default, "help", group=...,
+  check=..., choices=...)``. The flag is ``--name-with-dashes``; its parser comes from the
+  type (``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` as a comma list; a ``bool``
+  is a switch: ``--name`` when the default is False, ``--no-name`` when it is True) unless
+  ``parse=`` gives one; ``check`` validates the parsed value. :func:`build_parser`,
+  :func:`parse_args` and the validation (``__post_init__``, so a config built in Python is
+  checked too) read the table; settings that involve several fields are checked in
+  :meth:`_cross_checks`.
+  """
+
+  data_dir: str | None = flag(
+    None,
+    "folder with tofu/ and real_world/ JSON Lines (or one of them); default: built-in data",
+    group=DATA,
+  )
+  split: str = flag(
+    "forget01", "TOFU split, or real_world (ignored for built-in data)", group=DATA, choices=SPLITS
+  )
+  task_id: int | None = flag(
+    None, "forget task of the split (default 1 for TOFU, all targets for real_world)", group=DATA
+  )
+  loss: str = flag(
+    "IDK+AP", "FORGET+RETAIN, e.g. IDK+AP, ME+GD, NPO+KL, GA+GD, SimNPO+GD, DPO+GD", group=UNLEARN
+  )
+  presets: tuple[str, ...] = flag(
+    tuple(PRESETS), f"comma list of {', '.join(PRESETS)}", group=UNLEARN, check=_known_presets
+  )
+  seeds: tuple[int, ...] = flag((0, 1, 2), "comma list of unlearning seeds", group=UNLEARN)
+  steps: int | None = flag(
+    None,
+    "forget updates per run (default: --epochs over the forget set)",
+    group=UNLEARN,
+    check=at_least(1),
+  )
+  epochs: float = flag(
+    5.0, "forget-set epochs when --steps is not given", group=UNLEARN, check=positive
+  )
+  batch_size: int = flag(4, "examples per batch", group=UNLEARN, check=at_least(1))
+  lr: float = flag(3e-4, "unlearning learning rate", group=UNLEARN, check=positive)
+  forget_lr_scale: float = flag(
+    1.0, "forget lr = lr * this (alternating presets)", group=UNLEARN, check=at_least(0)
+  )
+  retain_lr_scale: float = flag(
+    1.0, "retain lr = lr * this (alternating presets)", group=UNLEARN, check=at_least(0)
+  )
+  forget_steps: int = flag(1, "F_f: consecutive forget updates", group=UNLEARN, check=at_least(1))
+  retain_steps: int = flag(5, "F_r: consecutive retain updates", group=UNLEARN, check=at_least(1))
+  forget_coef: float = flag(1.0, "c_f: forget loss weight", group=UNLEARN)
+  retain_coef: float = flag(1.0, "c_r: retain loss weight", group=UNLEARN)
+  beta: float = flag(0.1, "beta of NPO / SimNPO / DPO / AP", group=UNLEARN)
+  weight_decay: float = flag(0.01, "decoupled weight decay", group=UNLEARN, check=at_least(0))
+  model: str | None = flag(
+    None,
+    "start from a pretrained LM: 'smollm2', a .gguf file or a HF safetensors directory "
+    "(then the defaults change to a CPU-sized run: see dualoptim_jax.unlearn.pretrained)",
+    group=MODEL,
+    check=_existing_model,
+  )
+  model_layers: int | None = flag(
+    None, "keep only the first N blocks of --model (smoke tests)", group=MODEL, check=at_least(1)
+  )
+  forget_items: int | None = flag(
+    None, "first N forget items (0: all)", group=MODEL, check=at_least(0)
+  )
+  retain_items: int | None = flag(
+    None, "first N evaluated retain items (0: all)", group=MODEL, check=at_least(0)
+  )
+  finetune_epochs: float | None = flag(
+    None, "fine-tuning epochs (overrides --finetune-steps)", group=MODEL, check=positive
+  )
+  model_size: str = flag(
+    "small", "Llama trained from scratch", group=MODEL, choices=sorted(MODEL_SIZES)
+  )
+  vocab_size: int | None = flag(
+    None, "BPE vocabulary (default 1024 built-in, 4096 files)", group=MODEL, check=at_least(8)
+  )
+  max_len: int = flag(256, "longest tokenised question + answer", group=MODEL, check=at_least(8))
+  finetune_steps: int = flag(400, "fine-tuning updates", group=MODEL, check=at_least(0))
+  finetune_lr: float = flag(2e-3, "fine-tuning peak learning rate", group=MODEL, check=positive)
+  finetune_batch_size: int = flag(16, "fine-tuning batch", group=MODEL, check=at_least(1))
+  model_seed: int = flag(0, "seed of the from-scratch model and its fine-tuning", group=MODEL)
+  eval_items: int = flag(
+    300, "items per evaluation split (TOFU: 300)", group=OUTPUT, check=at_least(1)
+  )
+  max_new_tokens: int = flag(48, "greedy answer length for ROUGE", group=OUTPUT, check=at_least(1))
+  cache_dir: str | None = flag(
+    None, "tokenizer and model cache (default: $XDG_CACHE_HOME/dualoptim_jax)", group=OUTPUT
+  )
+  out: str = flag("results", "where results.json, results.md and results.png go", group=OUTPUT)
+  progress: bool = flag(True, "progress bars", group=OUTPUT)
+  mesh: str | None = flag(
+    None,
+    "train FSDP-sharded on a device mesh, e.g. data=1,fsdp=8 or data=2,fsdp=4 (an axis "
+    "left out or -1 takes the remaining devices); default: one device, no sharding",
+    group=DEVICES,
+    check=_mesh_fits,
+  )
+  checkpoint_dir: str | None = flag(
+    None, "checkpoint each unlearning run under DIR/<preset>/seed<k> (orbax)", group=DEVICES
+  )
+  checkpoint_every: int = flag(
+    50,
+    "updates between checkpoints (one is always written at the end of a run)",
+    group=DEVICES,
+    check=at_least(1),
+  )
+  keep_checkpoints: int = flag(
+    3, "latest checkpoints kept per run", group=DEVICES, check=at_least(1)
+  )
+  resume: bool = flag(
+    False,
+    "continue each run from its latest checkpoint in --checkpoint-dir (finished runs "
+    "are restored, not rerun)",
+    group=DEVICES,
+  )
+  coordinator: str | None = flag(
+    None,
+    "HOST:PORT of process 0's coordination service, with --num-processes and --process-id; "
+    "default: detect SLURM / TPU pods / the local launcher (dualoptim_jax.launch), else one "
+    "process",
+    group=PROCESSES,
+    check=_coordinator_address,
+  )
+  num_processes: int | None = flag(None, "processes in the job", group=PROCESSES, check=at_least(1))
+  process_id: int | None = flag(
+    None, "this process's index, 0 .. N-1", group=PROCESSES, check=at_least(0)
+  )
+  distributed_timeout: int = flag(
+    distributed.DEFAULT_TIMEOUT,
+    "seconds to wait for the other processes to join; a process silent this long is declared "
+    "dead and the job stops",
+    group=PROCESSES,
+    check=at_least(1),
+  )
+
+  def __post_init__(self) -> None:
+    for f in dataclasses.fields(self):
+      check = f.metadata["flag"].check
+      complaint = check and check(getattr(self, f.name))
+      if complaint:
+        name = option(f.name, f.default)
+        raise ValueError(complaint if complaint.startswith(name) else f"{name} {complaint}")
+    for complaint in self._cross_checks():
+      raise ValueError(complaint)
+
+  def _cross_checks(self) -> list[str]:
+    """Complaints about settings that involve more than one field."""
+    out = []
+    if not self.presets:
+      out.append("--presets must not be empty")
+    if not self.seeds:
+      out.append("--seeds must not be empty")
+    try:
+      make_objective(self.loss, self.forget_coef, self.retain_coef, self.beta)
+    except ValueError as e:
+      out.append(f"--loss / coefficients: {e}")
+    if self.resume and self.checkpoint_dir is None:
+      out.append("--resume needs --checkpoint-dir (where the runs' checkpoints are)")
+    try:
+      if (self.coordinator, self.num_processes, self.process_id) != (None, None, None):
+        distributed.resolve(self.coordinator, self.num_processes, self.process_id, environ={})
+    except ValueError as e:
+      out.append(str(e))
+    return out
+
+
+def option(name: str, default: Any = None) -> str:
+  """The command-line spelling of field ``name`` (``--no-progress`` for a switch on by default)."""
+  dashed = name.replace("_", "-")
+  return f"--no-{dashed}" if default is True else f"--{dashed}"
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _field_types() -> dict[str, Any]:
+  return typing.get_type_hints(RunConfig)
+
+
+def _converter(tp: Any) -> tuple[Callable[[str], Any], str]:
+  """(text -> value, what the text must be) for a field type."""
+  args = typing.get_args(tp)
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    return _converter(next(a for a in args if a is not type(None)))
+  if typing.get_origin(tp) is tuple:
+    item, word = _converter(args[0])
+    plural = word.split(" ", 1)[1] + "s"
+    return (lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())), (
+      f"a comma list of {plural}"
+    )
+  return tp, _TYPE_WORDS[tp]
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors: ``dualoptim-unlearn: error: ...`` and exit status 2."""
+
+  def error(self, message: str) -> typing.NoReturn:
+    print(f"{self.prog}: error: {message}", file=sys.stderr)
+    exit = SystemExit(message)
+    exit.code = 2
+    raise exit
 
 
 def build_parser() -> argparse.ArgumentParser:
-  d = RunConfig()
-  p = argparse.ArgumentParser(
-    prog="dualoptim-unlearn",
-    description="Fine-tune a small Llama on TOFU-style data, unlearn the forget set with each optimizer "
-    "preset, evaluate with the TOFU / closer-look metrics and write results.json, results.md "
-    "and results.png. With no flags: the built-in synthetic data.",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  """The argparse parser of :class:`RunConfig`'s table; every value is read as text (or a
+  switch) and left ``None`` when not given, so :func:`parse_args` knows what was set."""
+  p = _Parser(
+    prog=PROG,
+    description="Fine-tune a small Llama on TOFU-style data, unlearn the forget set with each "
+    "optimizer preset, evaluate with the TOFU / closer-look metrics and write results.json, "
+    "results.md and results.png. With no flags: the built-in synthetic data.",
   )
-  g = p.add_argument_group("data")
-  g.add_argument(
-    "--data-dir",
-    default=d.data_dir,
-    help="folder with tofu/ and real_world/ JSON Lines (or one of them); default: built-in data",
-  )
-  g.add_argument(
-    "--split",
-    default=d.split,
-    choices=SPLITS,
-    help="TOFU split, or real_world (ignored for built-in data)",
-  )
-  g.add_argument(
-    "--task-id",
-    type=int,
-    default=d.task_id,
-    help="forget task of the split (default 1 for TOFU, all targets for real_world)",
-  )
-  g = p.add_argument_group("unlearning")
-  g.add_argument(
-    "--loss",
-    default=d.loss,
-    help="FORGET+RETAIN, e.g. IDK+AP, ME+GD, NPO+KL, GA+GD, SimNPO+GD, DPO+GD",
-  )
-  g.add_argument(
-    "--presets", default=",".join(d.presets), help=f"comma list of {', '.join(PRESETS)}"
-  )
-  g.add_argument(
-    "--seeds", default=",".join(map(str, d.seeds)), help="comma list of unlearning seeds"
-  )
-  g.add_argument(
-    "--steps",
-    type=int,
-    default=d.steps,
-    help="forget updates per run (default: --epochs over the forget set)",
-  )
-  g.add_argument(
-    "--epochs", type=float, default=d.epochs, help="forget-set epochs when --steps is not given"
-  )
-  g.add_argument("--batch-size", type=int, default=d.batch_size)
-  g.add_argument("--lr", type=float, default=d.lr, help="unlearning learning rate")
-  g.add_argument(
-    "--forget-lr-scale",
-    type=float,
-    default=d.forget_lr_scale,
-    help="forget lr = lr * this (alternating presets)",
-  )
-  g.add_argument(
-    "--retain-lr-scale",
-    type=float,
-    default=d.retain_lr_scale,
-    help="retain lr = lr * this (alternating presets)",
-  )
-  g.add_argument(
-    "--forget-steps", type=int, default=d.forget_steps, help="F_f: consecutive forget updates"
-  )
-  g.add_argument(
-    "--retain-steps", type=int, default=d.retain_steps, help="F_r: consecutive retain updates"
-  )
-  g.add_argument("--forget-coef", type=float, default=d.forget_coef)
-  g.add_argument("--retain-coef", type=float, default=d.retain_coef)
-  g.add_argument("--beta", type=float, default=d.beta, help="beta of NPO / SimNPO / DPO / AP")
-  g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-  g = p.add_argument_group("model")
-  g.add_argument(
-    "--model",
-    default=d.model,
-    help="start from a pretrained LM: 'smollm2', a .gguf file or a HF safetensors directory "
-    "(then the defaults change to a CPU-sized run: see dualoptim_jax.unlearn.pretrained)",
-  )
-  g.add_argument(
-    "--model-layers",
-    type=int,
-    default=d.model_layers,
-    help="keep only the first N blocks of --model (smoke tests)",
-  )
-  g.add_argument(
-    "--forget-items", type=int, default=d.forget_items, help="first N forget items (0: all)"
-  )
-  g.add_argument(
-    "--retain-items",
-    type=int,
-    default=d.retain_items,
-    help="first N evaluated retain items (0: all)",
-  )
-  g.add_argument(
-    "--finetune-epochs",
-    type=float,
-    default=d.finetune_epochs,
-    help="fine-tuning epochs (overrides --finetune-steps)",
-  )
-  g.add_argument("--model-size", default=d.model_size, choices=sorted(MODEL_SIZES))
-  g.add_argument(
-    "--vocab-size",
-    type=int,
-    default=d.vocab_size,
-    help="BPE vocabulary (default 1024 built-in, 4096 files)",
-  )
-  g.add_argument(
-    "--max-len", type=int, default=d.max_len, help="longest tokenised question + answer"
-  )
-  g.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
-  g.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
-  g.add_argument("--finetune-batch-size", type=int, default=d.finetune_batch_size)
-  g.add_argument("--model-seed", type=int, default=d.model_seed)
-  g = p.add_argument_group("evaluation and output")
-  g.add_argument(
-    "--eval-items", type=int, default=d.eval_items, help="items per evaluation split (TOFU: 300)"
-  )
-  g.add_argument(
-    "--max-new-tokens", type=int, default=d.max_new_tokens, help="greedy answer length for ROUGE"
-  )
-  g.add_argument(
-    "--cache-dir",
-    default=d.cache_dir,
-    help="tokenizer and model cache (default: $XDG_CACHE_HOME/dualoptim_jax)",
-  )
-  g.add_argument("--out", default=d.out, help="where results.json, results.md and results.png go")
-  g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-  g = p.add_argument_group("devices and checkpoints")
-  g.add_argument(
-    "--mesh",
-    default=d.mesh,
-    help="train FSDP-sharded on a device mesh, e.g. data=1,fsdp=8 or data=2,fsdp=4 (an axis left "
-    "out or -1 takes the remaining devices); default: one device, no sharding",
-  )
-  g.add_argument(
-    "--checkpoint-dir",
-    default=d.checkpoint_dir,
-    help="checkpoint each unlearning run under DIR/<preset>/seed<k> (orbax)",
-  )
-  g.add_argument(
-    "--checkpoint-every",
-    type=int,
-    default=d.checkpoint_every,
-    help="updates between checkpoints (one is always written at the end of a run)",
-  )
-  g.add_argument(
-    "--keep-checkpoints",
-    type=int,
-    default=d.keep_checkpoints,
-    help="latest checkpoints kept per run",
-  )
-  g.add_argument(
-    "--resume",
-    action="store_true",
-    help="continue each run from its latest checkpoint in --checkpoint-dir (finished runs are "
-    "restored, not rerun)",
-  )
-  g = p.add_argument_group("processes (JAX multi-process runtime)")
-  g.add_argument(
-    "--coordinator",
-    default=d.coordinator,
-    help="HOST:PORT of process 0's coordination service; with --num-processes and --process-id "
-    "(default: detect SLURM / TPU pods / the local launcher, else one process)",
-  )
-  g.add_argument("--num-processes", type=int, default=d.num_processes)
-  g.add_argument("--process-id", type=int, default=d.process_id)
-  g.add_argument(
-    "--distributed-timeout",
-    type=int,
-    default=d.distributed_timeout,
-    help="seconds to wait for the other processes to join; a process silent this long is "
-    "declared dead and the job stops",
-  )
+  groups: dict[str, argparse._ArgumentGroup] = {}
+  types_ = _field_types()
+  for f in dataclasses.fields(RunConfig):
+    spec: Flag = f.metadata["flag"]
+    group = groups.setdefault(spec.group, p.add_argument_group(spec.group))
+    shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    help_ = f"{spec.help} (default: {shown})".replace("%", "%%")
+    if types_[f.name] is bool:
+      group.add_argument(
+        option(f.name, f.default),
+        dest=f.name,
+        action="store_const",
+        const=not f.default,
+        help=spec.help,
+      )
+    else:
+      group.add_argument(
+        option(f.name), dest=f.name, choices=spec.choices, help=help_, metavar=None
+      )
   return p
 
 
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-  try:
-    values = tuple(int(v) for v in text.split(",") if v.strip())
-  except ValueError:
-    raise SystemExit(f"{flag} must be a comma list of integers, got {text!r}") from None
-  if not values:
-    raise SystemExit(f"{flag} must not be empty")
-  return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
-  """Parses and validates the flags into a :class:`RunConfig`."""
+  """Parses and validates the flags into a :class:`RunConfig`; a bad flag exits with one line.
+
+  With ``--model`` the flags not given take :data:`dualoptim_jax.unlearn.pretrained.DEFAULTS`.
+  """
   parser = build_parser()
-  a = parser.parse_args(argv)
-  if a.model is not None:  # a pretrained model: CPU-sized defaults for the flags not given
-    parser.set_defaults(**pretrained.DEFAULTS)
-    a = parser.parse_args(argv)
-  presets = tuple(p.strip() for p in a.presets.split(",") if p.strip())
-  unknown = [p for p in presets if p not in PRESETS]
-  if unknown or not presets:
-    parser.error(f"--presets: unknown {unknown}; choose from {', '.join(PRESETS)}")
-  try:
-    make_objective(a.loss, a.forget_coef, a.retain_coef, a.beta)
-  except ValueError as e:
-    parser.error(f"--loss / coefficients: {e}")
-  for flag, value, low in (
-    ("--batch-size", a.batch_size, 1),
-    ("--forget-steps", a.forget_steps, 1),
-    ("--retain-steps", a.retain_steps, 1),
-    ("--finetune-steps", a.finetune_steps, 0),
-    ("--finetune-batch-size", a.finetune_batch_size, 1),
-    ("--eval-items", a.eval_items, 1),
-    ("--max-new-tokens", a.max_new_tokens, 1),
-    ("--max-len", a.max_len, 8),
-    ("--checkpoint-every", a.checkpoint_every, 1),
-    ("--keep-checkpoints", a.keep_checkpoints, 1),
-    ("--distributed-timeout", a.distributed_timeout, 1),
-  ):
-    if value < low:
-      parser.error(f"{flag} must be >= {low}, got {value}")
-  for flag, value in (
-    ("--model-layers", a.model_layers),
-    ("--forget-items", a.forget_items),
-    ("--retain-items", a.retain_items),
-  ):
-    if value is not None and value < (1 if flag == "--model-layers" else 0):
-      parser.error(f"{flag} must be >= {1 if flag == '--model-layers' else 0}, got {value}")
-  if a.finetune_epochs is not None and not a.finetune_epochs > 0:
-    parser.error(f"--finetune-epochs must be > 0, got {a.finetune_epochs}")
-  if a.mesh is not None:
+  given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+  types_ = _field_types()
+  values: dict[str, Any] = dict(pretrained.DEFAULTS) if "model" in given else {}
+  for f in dataclasses.fields(RunConfig):
+    if f.name not in given:
+      continue
+    text, spec = given[f.name], f.metadata["flag"]
+    if types_[f.name] is bool:
+      values[f.name] = text
+      continue
+    convert, word = (spec.parse, "valid") if spec.parse else _converter(types_[f.name])
     try:
-      sharding.parse_mesh_spec(a.mesh, jax.device_count())
-    except ValueError as e:
-      parser.error(f"--mesh: {e}")
-  if a.resume and a.checkpoint_dir is None:
-    parser.error("--resume needs --checkpoint-dir (where the runs' checkpoints are)")
-  if a.steps is not None and a.steps < 1:
-    parser.error(f"--steps must be >= 1, got {a.steps}")
-  if not a.epochs > 0:
-    parser.error(f"--epochs must be > 0, got {a.epochs}")
-  for flag, value in (("--lr", a.lr), ("--finetune-lr", a.finetune_lr)):
-    if not (math.isfinite(value) and value > 0):
-      parser.error(f"{flag} must be > 0, got {value}")
-  values = {f.name: getattr(a, f.name) for f in dataclasses.fields(RunConfig) if hasattr(a, f.name)}
-  values.update(presets=presets, seeds=_int_list(a.seeds, "--seeds"), progress=not a.no_progress)
-  return RunConfig(**values)
+      values[f.name] = convert(text)
+    except ValueError:
+      parser.error(f"{option(f.name)} must be {word}, got {text!r}")
+  try:
+    return RunConfig(**values)
+  except ValueError as e:
+    parser.error(str(e))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +426,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
 
 def load_data(cfg: RunConfig) -> D.UnlearningData:
   if cfg.data_dir is None:
-    return D.synthetic_tofu()
+    return synthetic_tofu()
   if cfg.split == "real_world":
     return D.load_real_world(cfg.data_dir, task_id=cfg.task_id)
   return D.load_tofu(cfg.data_dir, cfg.split, 1 if cfg.task_id is None else cfg.task_id)
@@ -412,35 +463,6 @@ def _digest(*parts: Any) -> str:
   return h.hexdigest()[:20]
 
 
-def save_params(model: nnx.Module, path: Path) -> None:
-  """Writes the module's ``nnx.Param`` arrays to an ``.npz`` (atomically)."""
-  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  # Every process gathers (a collective), process 0 writes.
-  arrays = {jax.tree_util.keystr(k): sharding.host_value(v) for k, v in leaves}
-  if not distributed.is_primary():
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def load_params(model: nnx.Module, path: Path) -> None:
-  """Loads :func:`save_params` output into ``model`` in place; names and shapes must match."""
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-  with np.load(path) as f:
-    names = [jax.tree_util.keystr(k) for k, _ in leaves]
-    if sorted(names) != sorted(f.files):
-      raise ValueError(f"{path}: parameter names do not match the model")
-    new = []
-    for name, (_, old) in zip(names, leaves):
-      if f[name].shape != old.shape:
-        raise ValueError(f"{path}: {name} has shape {f[name].shape}, the model {old.shape}")
-      new.append(jnp.asarray(f[name], old.dtype))
-  nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
-
-
 def tuned_model(
   kind: str,
   items: Sequence[D.QAItem],
@@ -450,7 +472,7 @@ def tuned_model(
   log=print,
   *,
   init: nnx.Module | None = None,
-  init_key: str | None = None,
+  init_key: Any = None,
   mesh: Any = None,
 ) -> nnx.Module:
   """A Llama fine-tuned on ``items`` (answer-token NLL), loaded from cache if there.
@@ -482,11 +504,9 @@ def tuned_model(
     cfg.model_seed,
     cfg.max_len,
   )
-  path = cache / "models" / f"{kind}-{name}-{key}.npz"
-  if distributed.all_true(path.is_file()):  # every process loads, or every process trains
-    if (
-      init is not None
-    ):  # load into a copy with its own arrays: the pretrained model stays as it is
+  path = cache / "models" / f"{kind}-{name}-{key}"
+  if distributed.all_true(path.is_dir()):  # every process loads, or every process trains
+    if init is not None:  # load into a copy with its own arrays: the pretrained model stays as is
       graphdef, state = nnx.split(model)
       model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     load_params(model, path)
@@ -626,13 +646,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
 
   objective = make_objective(cfg.loss, cfg.forget_coef, cfg.retain_coef, cfg.beta)
   forget_updates = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.forget) / cfg.batch_size))
-  presets = [p for p in cfg.presets if preset_available(p)]
-  skipped = [p for p in cfg.presets if p not in presets]
-  for p in skipped:
-    log(f"[{p}] skipped: this build of dualoptim_jax cannot construct it yet (8-bit states)")
-  if not presets:
-    raise SystemExit("none of the requested presets can be built; see the messages above")
-
+  presets = list(cfg.presets)
   histories: dict[str, list[dict[str, Any]]] = {}
   for preset in presets:
     results[preset], histories[preset] = [], []
@@ -644,7 +658,17 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
       retain = D.tokenize_unlearning_set(
         tok, data.retain, data.idk_answers, cfg.max_len, seed=2 * seed + 1
       )
-      out = checkpointed_unlearn(
+      checkpointer = None
+      if cfg.checkpoint_dir is not None:
+        checkpointer = RunCheckpointer(
+          Path(cfg.checkpoint_dir) / preset / f"seed{seed}",
+          every=cfg.checkpoint_every,
+          keep=cfg.keep_checkpoints,
+          resume=cfg.resume,
+          fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
+          log=log,
+        )
+      out = unlearn(
         base,
         objective,
         D.BatchIterator(forget, cfg.batch_size, seed=2 * seed),
@@ -652,21 +676,14 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         preset=preset,
         learning_rate=cfg.lr,
         num_updates=num_updates(preset, forget_updates, cfg),
-        forget_lr_scale=cfg.forget_lr_scale,
-        retain_lr_scale=cfg.retain_lr_scale,
-        weight_decay=cfg.weight_decay,
         forget_steps=cfg.forget_steps,
         retain_steps=cfg.retain_steps,
         progress=cfg.progress,
         mesh=mesh,
-        log=log,
-        checkpoint_dir=None
-        if cfg.checkpoint_dir is None
-        else Path(cfg.checkpoint_dir) / preset / f"seed{seed}",
-        every=cfg.checkpoint_every,
-        keep=cfg.keep_checkpoints,
-        resume=cfg.resume,
-        fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
+        checkpointer=checkpointer,
+        forget_lr_scale=cfg.forget_lr_scale,
+        retain_lr_scale=cfg.retain_lr_scale,
+        weight_decay=cfg.weight_decay,
       )
       res = evaluate(out.model, ratios)
       res["seed"] = seed
@@ -684,7 +701,6 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     "data": data.summary(),
     "forget_updates": forget_updates,
     "presets_run": presets,
-    "presets_skipped": skipped,
     "tokenizer_vocab": tok.vocab_size,
     "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, jax devices {jax.devices()}",
     "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -703,41 +719,53 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   return json.loads(files.json.read_text())
 
 
+def _one_line(message: str) -> str:
+  """A multi-line message (a checkpoint mismatch lists its differences) as one line."""
+  first, *rest = [line.strip() for line in message.splitlines() if line.strip()] or [""]
+  return " ".join([first, "; ".join(rest)]) if rest else first
+
+
 def join_processes(argv: Sequence[str] | None = None) -> distributed.ProcessSetup:
-  """Joins the multi-process job the flags (or the environment) describe; before any JAX work."""
+  """Joins the multi-process job the flags (or the environment) describe, before any JAX work
+  (the flags are validated again with the rest by :func:`parse_args`)."""
   a, _ = build_parser().parse_known_args(argv)
   try:
+    to_int = lambda text: None if text is None else int(text)  # noqa: E731
+    timeout = to_int(a.distributed_timeout) or distributed.DEFAULT_TIMEOUT
     return distributed.initialize(
-      a.coordinator, a.num_processes, a.process_id, timeout=a.distributed_timeout
+      a.coordinator, to_int(a.num_processes), to_int(a.process_id), timeout=timeout
     )
   except ValueError as e:
-    raise SystemExit(f"dualoptim-unlearn: {e}") from None
+    print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command: exit status 0, or 2 with one line on stderr for a bad flag or input (a data
+  file, a model path, a checkpoint of another run). Set ``DUALOPTIM_TRACEBACK=1`` to see the
+  traceback of an input error instead."""
   join_processes(argv)
   cfg = parse_args(argv)
   try:
     run(cfg)
-  except (
-    D.DataFormatError,
-    CheckpointMismatchError,
-    CheckpointCorruptError,
-    metrics.NonFiniteOutputError,
-    FileExistsError,
-  ) as e:
-    print(f"dualoptim-unlearn: {e}", file=sys.stderr)
-    return 2
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
     # A collective failed: in a multi-process job, almost always a peer that died.
     print(
-      f"dualoptim-unlearn: process {jax.process_index()}: a collective with the other processes "
-      f"failed, so one of them has most likely died; stopping ({' '.join(str(e).split())[:300]})",
+      f"{PROG}: error: process {jax.process_index()}: a collective with the other processes "
+      f"failed, so one of them has most likely died; stopping ({_one_line(str(e))[:300]})",
       file=sys.stderr,
     )
     return 3
+  except (OSError, ValueError) as e:  # DataFormatError and CheckpointMismatchError are ValueErrors
+    if os.environ.get("DUALOPTIM_TRACEBACK"):
+      raise
+    print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -41,7 +41,7 @@ answer (``me_scope="answer"``, default) or every real token (``me_scope="all"``,
 setting for ME+GD).
 
 :func:`make_objective` combines one forget and one retain loss by name ("IDK+AP", "ME+GD",
-"NPO+KL", ...) into an :class:`Objective` that the trainer drives.
+"NPO+KL", ...) into an :class:`UnlearningLoss` that the trainer drives.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 __all__ = [
   "FORGET_LOSSES",
   "RETAIN_LOSSES",
-  "Objective",
+  "UnlearningLoss",
   "make_objective",
   "token_logprobs",
   "answer_logprobs",
@@ -175,8 +175,8 @@ def _pair_logprobs(fn: LogitsFn, batch: Batch) -> tuple[Array, Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
-  """A forget loss and a retain loss with their coefficients: ``c_f L_f + c_r L_r``.
+class UnlearningLoss:
+  """The unlearning objective ``c_f L_f + c_r L_r``: a forget loss, a retain loss, their coefficients.
 
   ``forget_loss`` / ``retain_loss`` take ``model_fn`` (``input_ids -> logits``, the trained model),
   ``ref_fn`` (the frozen reference, or None when :attr:`needs_reference` is False) and a batch
@@ -252,8 +252,8 @@ def make_objective(
   *,
   gamma: float = 0.0,
   me_scope: str = "answer",
-) -> Objective:
-  """Builds an :class:`Objective` from a name such as ``"IDK+AP"``, ``"ME+GD"``, ``"NPO"``.
+) -> UnlearningLoss:
+  """Builds an :class:`UnlearningLoss` from a name such as ``"IDK+AP"``, ``"ME+GD"``, ``"NPO"``.
 
   Args:
     name: ``"<forget>"`` or ``"<forget>+<retain>"``, forget in :data:`FORGET_LOSSES`, retain in
@@ -279,7 +279,7 @@ def make_objective(
     raise ValueError(f"beta must be finite and > 0, got {beta}")
   if me_scope not in ("answer", "all"):
     raise ValueError(f"me_scope must be 'answer' or 'all', got {me_scope!r}")
-  return Objective(
+  return UnlearningLoss(
     forget, retain, float(forget_coef), float(retain_coef), float(beta), float(gamma), me_scope
   )
 

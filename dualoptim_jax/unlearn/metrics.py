@@ -188,7 +188,7 @@ def option_normalized_probs(
   true = np.asarray(true_avg_logprob, np.float64)
   pert = np.asarray(perturbed_avg_logprob, np.float64)
   options = np.concatenate([true[:, None], np.where(np.isnan(pert), -np.inf, pert)], axis=1)
-  return np.exp(true - special.logsumexp(options, axis=1))
+  return np.exp(true - np.asarray(special.logsumexp(options, axis=1)))
 
 
 _ROUGE_SCORER: Any = None
@@ -250,7 +250,7 @@ def forget_quality(truth_ratios_: np.ndarray, retain_only_truth_ratios: np.ndarr
   b = np.asarray(retain_only_truth_ratios, np.float64)
   if a.size == 0 or b.size == 0:
     raise ValueError(f"forget_quality needs non-empty samples, got sizes {a.size} and {b.size}")
-  res = stats.ks_2samp(a, b)
+  res: Any = stats.ks_2samp(a, b)
   return KSResult(pvalue=float(res.pvalue), statistic=float(res.statistic))
 
 
@@ -434,6 +434,42 @@ def summarize(
   return out
 
 
+HALVES: tuple[str, ...] = ("validation", "test")
+
+
+def half(n: int, which: str) -> np.ndarray:
+  """Item indices of one half of an evaluation set: ``"validation"`` the even positions,
+  ``"test"`` the odd ones, so settings chosen on one half are reported on items they never saw."""
+  if which not in HALVES:
+    raise ValueError(f"which must be one of {HALVES}, got {which!r}")
+  return np.arange(0 if which == "validation" else 1, n, 2)
+
+
+def summarize_half(
+  result: Mapping[str, Any],
+  which: str,
+  *,
+  retain_only_truth_ratios: Sequence[float] | None = None,
+) -> dict[str, Any]:
+  """:func:`summarize` of one :func:`half` of every split of an evaluation, from its
+  ``per_item`` lists (the retain-only ratios are halved alike for forget quality)."""
+  scores = {}
+  for split, items in result["per_item"].items():
+    idx = half(len(items["prob"]), which)
+    if idx.size == 0:
+      raise ValueError(f"split {split!r} has {len(items['prob'])} item(s): too few to halve")
+    column = lambda name: np.asarray(items[name], np.float64)[idx]
+    extras = {
+      n: column(n) for n in items if n not in ("prob", "rouge", "truth_ratio", "generation")
+    }
+    scores[split] = SplitScores(column("prob"), column("rouge"), column("truth_ratio"), extras)
+  ratios = None
+  if retain_only_truth_ratios is not None:
+    all_ratios = np.asarray(retain_only_truth_ratios, np.float64)
+    ratios = all_ratios[half(all_ratios.size, which)]
+  return summarize(scores, retain_only_truth_ratios=ratios)
+
+
 def _extra(name: str) -> ExtraMetric:
   if name not in _EXTRA_METRICS:
     raise ValueError(f"unknown extra metric {name!r}; registered: {sorted(_EXTRA_METRICS)}")
@@ -521,6 +557,7 @@ def evaluate_with(
         "rouge": rouge.tolist(),
         "truth_ratio": ratio.tolist(),
         "generation": list(gens),
+        **{name: values.tolist() for name, values in extras.items()},
       }
   finally:
     bar.close()
@@ -664,7 +701,7 @@ def model_fns(
       tokenizer.encode(PROMPT_TEMPLATE.format(question=q), add_bos=True) for q in questions
     ]
     out = greedy_generate(
-      model,
+      model,  # pyright: ignore[reportArgumentType]  (any module with Llama's decode API)
       _pad_rows(prompts),
       max_new_tokens=max_new_tokens,
       eos_id=tokenizer.eos_id,

@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = dict(
   batch_size=4,
   eval_items=10,
   max_new_tokens=24,
-  seeds="0",
+  seeds=(0,),
 )
 
 

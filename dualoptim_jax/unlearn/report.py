@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy import stats as scipy_stats
+
+from dualoptim_jax.unlearn.jsonable import jsonable
 
 # (result key, column header) of the Table-1-style summary.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -25,18 +28,34 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
   ("forget_efficacy", "UFE ↑"),
   ("model_utility", "MU ↑"),
   ("forget_quality", "FQ ↑"),
-  ("overall", "OVR ↑"),
+  ("overall", "OVR (ours) ↑"),
+)
+# Per-run stability of the optimizer (Unlearner.stability).
+STABILITY_COLUMNS: tuple[tuple[str, str], ...] = (
+  ("max_update_ratio", "max abs(update) / lr"),
+  ("elements_over_10x_lr", "elements > 10 lr"),
 )
 # Per-item outputs are large and belong to one evaluation, not to the comparison.
 _DROPPED_KEYS: frozenset[str] = frozenset({"per_item"})
 
 
 class Stat(NamedTuple):
-  """Mean and sample standard deviation of one metric over seeds."""
+  """Mean, sample standard deviation and 95 % confidence interval of one metric over seeds."""
 
   mean: float | None  # None when no seed has the value
   std: float | None  # None for fewer than two values
   n: int  # number of seeds with a value
+  ci_low: float | None = None  # mean -/+ t_{0.975, n-1} std / sqrt(n); None for n < 2
+  ci_high: float | None = None
+
+
+def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+  """Student-t interval ``mean -/+ t_{(1+level)/2, n-1} s / sqrt(n)`` of the mean (None, n < 2)."""
+  v = np.asarray(values, np.float64)
+  if v.size < 2:
+    return None
+  half = scipy_stats.t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+  return float(v.mean() - half), float(v.mean() + half)
 
 
 class ReportFiles(NamedTuple):
@@ -60,7 +79,7 @@ def seed_stats(runs: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
     vals = vals[np.isfinite(vals)]
     mean = float(vals.mean()) if vals.size else None
     std = float(vals.std(ddof=1)) if vals.size > 1 else None
-    out[key] = Stat(mean, std, int(vals.size))
+    out[key] = Stat(mean, std, int(vals.size), *(confidence_interval(vals) or (None, None)))
   return out
 
 
@@ -78,15 +97,18 @@ def format_value(x: float | None) -> str:
 
 
 def format_stat(stat: Stat | None) -> str:
-  """``mean ± std`` (just ``mean`` for a single seed); the std takes the mean's notation."""
+  """``mean ± std [ci_low, ci_high]`` (just ``mean`` for a single seed); std and interval take
+  the mean's notation."""
   if stat is None or stat.mean is None:
     return "–"
   mean = format_value(stat.mean)
   if stat.std is None:
     return mean
   # A round-off std (1e-17) must not switch to scientific notation beside a plain mean.
-  std = f"{stat.std:.2e}" if "e" in mean else f"{stat.std:.4f}"
-  return f"{mean} ± {std}"
+  fmt = (lambda x: f"{x:.2e}") if "e" in mean else (lambda x: f"{x:.4f}")
+  if stat.ci_low is None or stat.ci_high is None:
+    return f"{mean} ± {fmt(stat.std)}"
+  return f"{mean} ± {fmt(stat.std)} [{fmt(stat.ci_low)}, {fmt(stat.ci_high)}]"
 
 
 def markdown_table(
@@ -134,8 +156,108 @@ _LEGEND = (
   "Forget Prob. = mean p(a|q)^(1/|a|) on the forget set; Forget ROUGE = ROUGE-L recall of greedy "
   "answers; Forget TR = TOFU's mean min(R, 1/R) (1 = cannot tell right from wrong answers); "
   "UFE = untargeted forget efficacy; MU = model utility; FQ = forget quality (KS-test p-value "
-  "against the retain-only model); OVR = (UFE + MU) / 2. Mean ± sample std over seeds."
+  "against the retain-only model); OVR (ours) = (UFE + MU) / 2 over the components listed below: "
+  "our summary, not the paper's OVR, which also counts embedding and entailment scores. Cells: "
+  "mean ± sample std [95 % Student-t confidence interval of the mean] over seeds."
 )
+
+
+def paired_comparison(
+  results: Mapping[str, Sequence[Mapping[str, Any]]],
+  reference: str,
+  *,
+  metric: str = "overall",
+) -> list[dict[str, Any]]:
+  """``reference`` against every other row, paired by seed: per-seed differences of ``metric``
+  (reference minus baseline), their mean, 95 % CI and the two-sided paired t-test p-value
+  (``scipy.stats.ttest_rel``; None with fewer than two paired seeds)."""
+  mine = {run.get("seed"): run.get(metric) for run in results[reference]}
+  out = []
+  for row, runs in results.items():
+    if row == reference:
+      continue
+    pairs = [(mine[r.get("seed")], r.get(metric)) for r in runs if r.get("seed") in mine]
+    pairs = [(a, b) for a, b in pairs if _is_number(a) and _is_number(b)]
+    if not pairs:
+      continue
+    diffs = [a - b for a, b in pairs]
+    p = None
+    if len(pairs) > 1 and np.std(diffs) > 0:
+      p = float(scipy_stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+    ci = confidence_interval(diffs)
+    out.append(
+      {
+        "baseline": row,
+        "seeds": len(pairs),
+        "differences": diffs,
+        "mean_difference": float(np.mean(diffs)),
+        "ci": list(ci) if ci else None,
+        "p_value": p,
+      }
+    )
+  return out
+
+
+def comparison_markdown(comparisons: Sequence[Mapping[str, Any]], reference: str) -> str:
+  """A markdown table of :func:`paired_comparison`."""
+  lines = [
+    f"| {reference} vs | Seeds | Mean OVR difference | 95 % CI | p (paired t) |",
+    "| --- | ---: | ---: | ---: | ---: |",
+  ]
+  for c in comparisons:
+    ci = "–" if c["ci"] is None else f"[{c['ci'][0]:.4f}, {c['ci'][1]:.4f}]"
+    p = "–" if c["p_value"] is None else f"{c['p_value']:.3g}"
+    lines.append(f"| {c['baseline']} | {c['seeds']} | {c['mean_difference']:+.4f} | {ci} | {p} |")
+  return "\n".join(lines)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the points no other point beats on both coordinates (higher is better)."""
+  return [
+    i
+    for i, (x, y) in enumerate(points)
+    if not any((a >= x and b >= y) and (a > x or b > y) for a, b in points)
+  ]
+
+
+def plot_tradeoff(
+  path: str | Path,
+  curves: Mapping[str, Sequence[tuple[str, Sequence[Mapping[str, Any]]]]],
+  *,
+  x: str = "model_utility",
+  y: str = "forget_efficacy",
+) -> Path:
+  """PNG: forget efficacy (UFE) against model utility, one curve per method through its settings
+  (``curves = {method: [(setting label, per-seed results), ...]}``), mean ± std over seeds as
+  error bars, the Pareto front of all settings' means marked."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(7, 5.5), layout="constrained")
+  ax = fig.subplots()
+  means: list[tuple[float, float]] = []
+  for i, (method, settings) in enumerate(curves.items()):
+    xs, ys, xe, ye = [], [], [], []
+    for label, runs in settings:
+      sx, sy = seed_stats(runs).get(x), seed_stats(runs).get(y)
+      if sx is None or sy is None or sx.mean is None or sy.mean is None:
+        continue
+      xs.append(sx.mean), ys.append(sy.mean), xe.append(sx.std or 0.0), ye.append(sy.std or 0.0)
+      means.append((sx.mean, sy.mean))
+      ax.annotate(
+        label, (sx.mean, sy.mean), fontsize="x-small", xytext=(3, 3), textcoords="offset points"
+      )
+    ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=2, label=method, color=f"C{i % 10}")
+  front = sorted(means[i] for i in pareto_front(means))
+  if front:
+    ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
+    ax.scatter(*zip(*front), s=150, facecolors="none", edgecolors="k")
+  ax.set_xlabel("model utility (MU) ↑")
+  ax.set_ylabel("forget efficacy (UFE) ↑")
+  ax.set_title("Trade-off: mean ± std over seeds")
+  ax.legend(fontsize="small")
+  path = Path(path)
+  fig.savefig(path, dpi=110)
+  return path
 
 
 def render_markdown(
@@ -143,34 +265,20 @@ def render_markdown(
   *,
   title: str = "Unlearning results",
   config: Mapping[str, Any] | None = None,
+  sections: Sequence[str] = (),
 ) -> str:
-  """The whole results.md: title, table, legend, included components and the run configuration."""
-  parts = [f"# {title}", markdown_table(results), _LEGEND]
+  """The whole results.md: title, table, stability, ``sections`` (best settings, comparisons),
+  legend, included components and the run configuration."""
+  parts = [f"# {title}", markdown_table(results)]
+  if any(key in run for runs in results.values() for run in runs for key, _ in STABILITY_COLUMNS):
+    parts.append("Stability of the updates:\n\n" + markdown_table(results, STABILITY_COLUMNS))
+  parts += [*sections, _LEGEND]
   note = _components_note(_components(results))
   if note:
     parts.append(note)
   if config:
     parts.append("Configuration:\n" + "\n".join(f"- {k}: {v}" for k, v in config.items()))
   return "\n\n".join(parts) + "\n"
-
-
-def _jsonable(x: Any) -> Any:
-  """Plain-JSON copy: numpy scalars/arrays to Python, NaN/inf to null (strict JSON has no NaN)."""
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (bool, np.bool_)):
-    return bool(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(x) else None
-  if x is None or isinstance(x, str):
-    return x
-  return str(x)
 
 
 def results_json(
@@ -187,6 +295,7 @@ def results_json(
       "seeds": [{k: v for k, v in run.items() if k not in _DROPPED_KEYS} for run in runs],
       "mean": {k: s.mean for k, s in stats.items()},
       "std": {k: s.std for k, s in stats.items()},
+      "ci95": {k: None if s.ci_low is None else [s.ci_low, s.ci_high] for k, s in stats.items()},
     }
   doc = {
     "columns": [key for key, _ in TABLE_COLUMNS],
@@ -195,7 +304,7 @@ def results_json(
     "rows": rows,
     "loss_histories": _histories(loss_histories),
   }
-  return _jsonable(doc)
+  return jsonable(doc)
 
 
 def _histories(
@@ -300,6 +409,9 @@ def write_report(
   config: Mapping[str, Any] | None = None,
   title: str = "Unlearning results",
   echo: bool = True,
+  sections: Sequence[str] = (),
+  extra_json: Mapping[str, Any] | None = None,
+  tradeoff: Mapping[str, Sequence[tuple[str, Sequence[Mapping[str, Any]]]]] | None = None,
 ) -> ReportFiles:
   """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created).
 
@@ -312,6 +424,10 @@ def write_report(
     config: run settings recorded in both the JSON and the markdown.
     title: markdown heading.
     echo: print the table (with its legend) to stdout.
+    sections: more markdown sections (best settings, paired comparisons), after the tables.
+    extra_json: more top-level entries of results.json.
+    tradeoff: ``{method: [(setting, per-seed results), ...]}``: also writes ``tradeoff.png``
+      (:func:`plot_tradeoff`).
   """
   if not results:
     raise ValueError("results is empty: nothing to report")
@@ -321,11 +437,14 @@ def write_report(
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   files = ReportFiles(out / "results.json", out / "results.md", out / "results.png")
-  doc = results_json(results, loss_histories=loss_histories, config=config)
+  doc = {**results_json(results, loss_histories=loss_histories, config=config)}
+  doc.update(jsonable(dict(extra_json or {})))
   files.json.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-  markdown = render_markdown(results, title=title, config=config)
+  markdown = render_markdown(results, title=title, config=config, sections=sections)
   files.markdown.write_text(markdown)
   plot_results(files.plot, results, loss_histories)
+  if tradeoff:
+    plot_tradeoff(out / "tradeoff.png", tradeoff)
   if echo:
     print(markdown_table(results))
     print()

@@ -24,8 +24,9 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +37,24 @@ from tqdm.auto import tqdm
 
 import dualoptim_jax as dj
 from dualoptim_jax.sharding import Placement
-from dualoptim_jax.unlearn.losses import Objective, masked_nll
+from dualoptim_jax.unlearn.jsonable import float_or_nan
+from dualoptim_jax.unlearn.losses import UnlearningLoss, masked_nll
+from dualoptim_jax.unlearn.paths import path_name
 
 __all__ = [
   "Preset",
   "PRESETS",
+  "decays",
+  "decay_mask",
+  "learning_rate_schedule",
   "make_optimizer",
-  "preset_available",
+  "optimizer_config",
+  "step_size",
   "LossHistory",
   "Unlearner",
   "UnlearnResult",
+  "CheckpointedRun",
+  "run_config",
   "unlearn",
   "FinetuneResult",
   "finetune",
@@ -103,6 +112,36 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def decays(name: str) -> bool:
+  """Whether the recipe decays the parameter named ``name`` (:func:`~dualoptim_jax.unlearn.paths.
+  path_name`): not biases and not normalisation scales, as the Hugging Face ``Trainer`` decides
+  (``get_decay_parameter_names``: no ``bias``, no ``*norm*`` module)."""
+  parts = name.lower().split(".")
+  return parts[-1] != "bias" and not any("norm" in part for part in parts)
+
+
+def decay_mask(params: Any) -> Any:
+  """The weight-decay mask of ``params``: :func:`decays` of each leaf's name."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: decays(path_name(path)), params)
+
+
+def learning_rate_schedule(
+  learning_rate: optax.ScalarOrSchedule, warmup_steps: int = 0, decay_steps: int | None = None
+) -> optax.ScalarOrSchedule:
+  """The Hugging Face ``Trainer``'s linear schedule: 0 -> ``learning_rate`` over ``warmup_steps``,
+  then linearly to 0 at update ``decay_steps``; a constant when ``decay_steps`` is None (and a
+  schedule passed in is kept as it is)."""
+  if callable(learning_rate) or decay_steps is None:
+    return learning_rate
+  if warmup_steps < 0 or decay_steps <= warmup_steps:
+    raise ValueError(f"need 0 <= warmup_steps < decay_steps, got {warmup_steps}, {decay_steps}")
+  decay = optax.linear_schedule(learning_rate, 0.0, decay_steps - warmup_steps)
+  if warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
 def make_optimizer(
   preset: str,
   learning_rate: optax.ScalarOrSchedule,
@@ -110,60 +149,101 @@ def make_optimizer(
   forget_lr_scale: float = 1.0,
   retain_lr_scale: float = 1.0,
   weight_decay: float = 0.01,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  max_grad_norm: float = 1.0,
+  warmup_steps: int = 0,
+  decay_steps: int | None = None,
+  careful_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds the optax transform of a :data:`PRESETS` entry.
+  """The whole per-update transform of a :data:`PRESETS` entry under one recipe.
 
-  The AdamW presets use the Hugging Face ``Trainer`` defaults the paper's baselines ran with
-  (``b1=0.9, b2=0.999, eps=1e-8``); the DualOptim ones use :func:`dualoptim_jax.dualoptim` /
-  :func:`dualoptim_jax.dualoptim_plus` defaults.
+  Every preset is ``clip_by_global_norm(max_grad_norm)`` (skipped at 0) -> its moments with
+  ``(b1, b2, eps)`` (Adam for ``joint`` / ``alternate``, one Adam state per objective for
+  ``dualoptim``, shared base + deltas with base decays ``(b1, b2)`` for ``dualoptim_plus``) ->
+  decoupled weight decay on the parameters :func:`decays` names (not biases, not norm scales) ->
+  the learning rate, linear warm-up and decay (:func:`learning_rate_schedule`) times
+  ``lr_scales[k]`` for objective k. The defaults are the authors' DualOptim+ release
+  (``forget.py``: Adam ``(0.9, 0.95)`` for every method) run by the Hugging Face ``Trainer``
+  (clipping at 1.0, linear decay, no decay on biases and norms). So, fed one objective's gradient
+  stream, ``joint``, ``alternate`` and ``dualoptim`` make the same updates (tested).
 
   Args:
     preset: a key of :data:`PRESETS`.
     learning_rate: base learning rate ``eta`` (float or schedule of the update count).
     forget_lr_scale, retain_lr_scale: alternating presets update objective k with
-      ``eta * scale_k`` (``lr_scales``); ``joint`` has one learning rate and ignores them.
+      ``eta * scale_k``; ``joint`` has one learning rate and ignores them.
     weight_decay: decoupled weight decay.
+    b1, b2, eps: Adam's decays and denominator term (every preset).
+    max_grad_norm: global-norm clipping of each update's gradient; 0 turns it off.
+    warmup_steps, decay_steps: the linear schedule; ``decay_steps=None`` keeps ``eta`` constant
+      (:func:`unlearn` sets it to the run's number of updates).
+    careful_rounding: DualOptim+ only: the rounding-careful evaluation of the combined second
+      moment (``dualoptim_jax.dualoptim_plus(careful_rounding=True)``).
   """
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+  if max_grad_norm < 0:
+    raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {max_grad_norm}")
   spec = PRESETS[preset]
+  lr = learning_rate_schedule(learning_rate, warmup_steps, decay_steps)
   scales = (float(forget_lr_scale), float(retain_lr_scale))
+  clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
   if spec.optimizer == "adamw":
-    if spec.mode == "joint":
-      return optax.with_extra_args_support(
-        optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-      )
+    step = (
+      optax.scale_by_learning_rate(lr)
+      if spec.mode == "joint"
+      else dj.scale_by_objective_learning_rate(lr, lr_scales=scales, num_objectives=2)
+    )
     return optax.chain(
-      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-      optax.add_decayed_weights(weight_decay),
-      dj.scale_by_objective_learning_rate(learning_rate, lr_scales=scales, num_objectives=2),
+      *clip,
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, decay_mask),
+      step,
     )
-  factory = getattr(dj, spec.optimizer, None)
-  if factory is None:
-    raise NotImplementedError(
-      f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}, which this build lacks"
-    )
-  kwargs: dict[str, Any] = dict(weight_decay=weight_decay, num_objectives=2, lr_scales=scales)
-  if spec.state_bits != 32:
-    if "state_bits" not in inspect.signature(factory).parameters:
-      raise NotImplementedError(
-        f"preset {preset!r} needs dualoptim_jax.{spec.optimizer}(state_bits={spec.state_bits}), "
-        "which this build does not support yet"
-      )
-    kwargs["state_bits"] = spec.state_bits
-  return factory(learning_rate, **kwargs)
+  kwargs: dict[str, Any] = dict(
+    weight_decay=weight_decay,
+    mask=decay_mask,
+    num_objectives=2,
+    lr_scales=scales,
+    state_bits=spec.state_bits,
+  )
+  if spec.optimizer == "dualoptim":
+    moments = dj.dualoptim(lr, b1, b2, eps, **kwargs)
+  else:
+    if careful_rounding:  # passed only when asked, so the option needs a build that has it
+      kwargs["careful_rounding"] = True
+    moments = dj.dualoptim_plus(lr, b1, b2, b1, b2, eps, **kwargs)
+  return optax.chain(*clip, moments)
+
+
+def step_size(config: Mapping[str, Any], update: int, objective: int | None) -> float:
+  """The learning rate update ``update`` of objective ``objective`` runs with under
+  :func:`make_optimizer` ``**config`` (:func:`optimizer_config`): what stability is measured in."""
+  lr = learning_rate_schedule(
+    config["learning_rate"], config["warmup_steps"], config["decay_steps"]
+  )
+  value = float(lr(update)) if callable(lr) else float(lr)
+  if PRESETS[config["preset"]].mode == "joint" or objective is None:
+    return value
+  return value * float(config["forget_lr_scale" if objective == FORGET else "retain_lr_scale"])
+
+
+def optimizer_config(preset: str, learning_rate: Any, **settings: Any) -> dict[str, Any]:
+  """Everything :func:`make_optimizer` builds from these arguments, defaults filled in, as data.
+
+  ``{"preset", "optimizer", "state_bits", "learning_rate", ...}``: what a report records and a
+  checkpoint's fingerprint compares. Read off :func:`make_optimizer`'s signature, so a setting
+  added there appears here without being named twice.
+  """
+  bound = inspect.signature(make_optimizer).bind(preset, learning_rate, **settings)
+  bound.apply_defaults()
+  spec = PRESETS[preset]
+  return {"optimizer": spec.optimizer, "state_bits": spec.state_bits, **bound.arguments}
 
 
 _cached_optimizer = functools.lru_cache(maxsize=32)(make_optimizer)
-
-
-def preset_available(preset: str) -> bool:
-  """Whether :func:`make_optimizer` can build ``preset`` with this build of dualoptim_jax."""
-  try:
-    make_optimizer(preset, 1e-3)
-  except NotImplementedError:
-    return False
-  return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +258,9 @@ def _compiled_update(
   tx_kwargs: tuple[tuple[str, Any], ...],
   placement: Placement | None,
 ) -> Callable:
-  """The jitted update ``(params, opt_state, rest, ref_params, batches) -> (params, opt_state, aux)``.
+  """The jitted update ``(params, opt_state, rest, ref_params, batches, step_size) -> (params,
+  opt_state, aux, stats)``; ``stats = (max |update|, number of elements with |update| >
+  10 step_size)``, the stability record (:class:`Unlearner`).
 
   One per (model structure, transform object, loss, ``tx.update`` kwargs, placement), so runs that
   share them -- the seeds of a preset -- compile once. ``loss(apply_fn, ref_apply_fn, batches) ->
@@ -189,7 +271,7 @@ def _compiled_update(
   def apply_fn(params, rest):
     return lambda ids: nnx.merge(graphdef, params, rest)(ids)
 
-  def update(params, opt_state, rest, ref_params, batches):
+  def update(params, opt_state, rest, ref_params, batches, step_size):
     def total(p):
       ref_fn = None if ref_params is None else apply_fn(ref_params, rest)
       return loss(apply_fn(p, rest), ref_fn, batches)
@@ -199,7 +281,10 @@ def _compiled_update(
     params = optax.apply_updates(params, updates)
     if placement is not None:
       params, opt_state = placement.constrain(params, opt_state)
-    return params, opt_state, aux
+    magnitudes = [jnp.abs(u.astype(jnp.float32)) for u in jax.tree.leaves(updates)]
+    largest = jnp.max(jnp.stack([jnp.max(m) for m in magnitudes]))
+    over = sum(jnp.sum(m > 10 * step_size, dtype=jnp.int32) for m in magnitudes)
+    return params, opt_state, aux, (largest, over)
 
   return jax.jit(update, donate_argnums=(0, 1))
 
@@ -227,9 +312,14 @@ class _Core:
     self.opt_state = self.placement.init(self.tx, self.params)
 
   def step(
-    self, loss: Callable, tx_kwargs: tuple[tuple[str, Any], ...], ref_params: Any, batches: Any
-  ) -> Any:
-    """One update on ``loss`` (see :func:`_compiled_update`); returns its aux."""
+    self,
+    loss: Callable,
+    tx_kwargs: tuple[tuple[str, Any], ...],
+    ref_params: Any,
+    batches: Any,
+    step_size: float = math.nan,
+  ) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+    """One update on ``loss`` (see :func:`_compiled_update`); returns its aux and stats."""
     update = _compiled_update(
       self.graphdef,
       self.tx,
@@ -237,10 +327,15 @@ class _Core:
       tx_kwargs,
       None if self.placement.mesh is None else self.placement,
     )
-    self.params, self.opt_state, aux = update(
-      self.params, self.opt_state, self.rest, ref_params, self.placement.batch(batches)
+    self.params, self.opt_state, aux, stats = update(
+      self.params,
+      self.opt_state,
+      self.rest,
+      ref_params,
+      self.placement.batch(batches),
+      jnp.float32(step_size),
     )
-    return aux
+    return aux, stats
 
   def export(self) -> nnx.Module:
     """A new module holding a copy of the current parameters."""
@@ -258,13 +353,30 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
 class LossHistory(NamedTuple):
   """Per-update losses (unweighted); ``nan`` where a loss was not computed.
 
-  ``objective`` is 0 (forget update), 1 (retain update) or -1 (joint update).
+  ``objective`` is 0 (forget update), 1 (retain update) or -1 (joint update). Built from rows
+  ``(update, objective, forget, retain)`` by :meth:`from_rows` only; :meth:`rows` gives them back.
   """
 
   update: np.ndarray  # int64 (N,)
   objective: np.ndarray  # int64 (N,)
   forget: np.ndarray  # float64 (N,)
   retain: np.ndarray  # float64 (N,)
+
+  @classmethod
+  def from_rows(cls, rows: Sequence[Sequence[Any]]) -> LossHistory:
+    """From ``[update, objective, forget, retain]`` rows; a ``None`` loss (JSON) reads as NaN."""
+    cols = list(zip(*rows)) if rows else [(), (), (), ()]
+    losses = lambda col: np.asarray([float_or_nan(v) for v in col], np.float64)
+    return cls(
+      np.asarray(cols[0], np.int64), np.asarray(cols[1], np.int64), losses(cols[2]), losses(cols[3])
+    )
+
+  def rows(self) -> list[list[Any]]:
+    """``[update, objective, forget, retain]`` per update (NaN where not computed)."""
+    return [
+      [int(u), int(k), float(f), float(r)]
+      for u, k, f, r in zip(self.update, self.objective, self.forget, self.retain)
+    ]
 
   def series(self) -> dict[str, list[tuple[int, float]]]:
     """``{"forget": [(update, loss), ...], "retain": [...]}`` without the ``nan`` entries."""
@@ -282,11 +394,11 @@ class _ObjectiveLoss:
   ``batches = (forget, retain)``); returns (weighted loss to descend, unweighted losses). Frozen
   and hashable, so equal objectives share a compiled step."""
 
-  objective: Objective
+  loss: UnlearningLoss
   which: int | None
 
   def __call__(self, fn, ref_fn, batches):
-    obj = self.objective
+    obj = self.loss
     if self.which == FORGET:
       lf = obj.forget_loss(fn, ref_fn, batches)
       return obj.forget_coef * lf, {"forget": lf}
@@ -299,17 +411,21 @@ class _ObjectiveLoss:
 
 
 class Unlearner:
-  """Runs an :class:`~dualoptim_jax.unlearn.losses.Objective` with an optax transform.
+  """Runs an :class:`~dualoptim_jax.unlearn.losses.UnlearningLoss` with an optax transform.
 
   Args:
     model: the model to unlearn (not modified; see :attr:`model`).
-    objective: from :func:`~dualoptim_jax.unlearn.losses.make_objective`.
+    loss: from :func:`~dualoptim_jax.unlearn.losses.make_objective`.
     tx: any optax transform; in ``alternate`` mode it receives ``objective=k``.
     mode: ``"joint"`` or ``"alternate"``.
     forget_steps, retain_steps: ``F_f``, ``F_r`` >= 1 of the alternating schedule.
     ref_model: frozen reference for NPO / DPO / KL; default: ``model`` as it is now.
     mesh: a ``('data', 'fsdp')`` mesh (:func:`dualoptim_jax.sharding.make_mesh`) to train
       FSDP-sharded on; None: the default device.
+    step_size: ``(update, objective) -> learning rate`` of ``tx`` (:func:`step_size`), for the
+      stability record :attr:`stability`: the largest ``|update| / learning rate`` of any element
+      in any update, and how many elements moved more than 10 learning rates (summed over
+      updates). Without it both are None.
 
   The state to checkpoint for an exact resume is :meth:`state_dict` plus the two batch
   iterators' ``state_dict()`` (:mod:`dualoptim_jax.unlearn.checkpoint` does both with orbax).
@@ -318,7 +434,7 @@ class Unlearner:
   def __init__(
     self,
     model: nnx.Module,
-    objective: Objective,
+    loss: UnlearningLoss,
     tx: optax.GradientTransformation,
     *,
     mode: str = "alternate",
@@ -326,43 +442,58 @@ class Unlearner:
     retain_steps: int = 5,
     ref_model: nnx.Module | None = None,
     mesh: Any = None,
+    step_size: Callable[[int, int | None], float] | None = None,
   ):
     if mode not in ("joint", "alternate"):
       raise ValueError(f"mode must be 'joint' or 'alternate', got {mode!r}")
     self.schedule = dj.alternating(forget_steps, retain_steps)  # validates the frequencies
-    self.objective = objective
+    self.loss = loss
     self.mode = mode
     self.forget_steps, self.retain_steps = forget_steps, retain_steps
     self._core = _Core(model, tx, mesh)
     self.ref_params = None
-    if objective.needs_reference:
+    if loss.needs_reference:
       ref = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
       self.ref_params = self._core.placement.like_params(ref)
     self.update_count = 0
+    self._rows: list[list[Any]] = []  # LossHistory rows of every update so far
+    self._step_size = step_size
+    self._largest_ratio, self._over = 0.0, 0
 
   def objective_at(self, update: int) -> int | None:
     """0 / 1 for the forget / retain objective of update ``update``; None in joint mode."""
-    return None if self.mode == "joint" else self.schedule(update)
+    return None if self.mode == "joint" else int(self.schedule(update))
 
   def step(
     self, forget_batches: Iterator[Batch], retain_batches: Iterator[Batch]
   ) -> dict[str, float]:
     """One optimizer update, drawing the batches it needs; returns its unweighted losses."""
     k = self.objective_at(self.update_count)
+    size = math.nan if self._step_size is None else self._step_size(self.update_count, k)
     if k is None:
-      aux = self._core.step(
-        _ObjectiveLoss(self.objective, None),
-        (),
-        self.ref_params,
-        (next(forget_batches), next(retain_batches)),
+      batches = (next(forget_batches), next(retain_batches))
+      aux, (largest, over) = self._core.step(
+        _ObjectiveLoss(self.loss, None), (), self.ref_params, batches, size
       )
     else:
       batch = next(forget_batches) if k == FORGET else next(retain_batches)
-      aux = self._core.step(
-        _ObjectiveLoss(self.objective, k), (("objective", k),), self.ref_params, batch
+      aux, (largest, over) = self._core.step(
+        _ObjectiveLoss(self.loss, k), (("objective", k),), self.ref_params, batch, size
       )
+    losses = {name: float(v) for name, v in aux.items()}
+    if size > 0:  # NaN (no step_size) and a zero learning rate (warm-up start) say nothing
+      self._largest_ratio = max(self._largest_ratio, float(largest) / size)
+      self._over += int(over)
+    self._rows.append(
+      [
+        self.update_count,
+        -1 if k is None else k,
+        losses.get("forget", math.nan),
+        losses.get("retain", math.nan),
+      ]
+    )
     self.update_count += 1
-    return {name: float(v) for name, v in aux.items()}
+    return losses
 
   def run(
     self,
@@ -376,38 +507,38 @@ class Unlearner:
   ) -> LossHistory:
     """``num_updates`` calls of :meth:`step`, with a progress bar showing both losses.
 
-    ``on_update(update, losses)`` runs after each update (e.g. to checkpoint).
+    ``on_update(update, losses)`` runs after each update (e.g. to checkpoint). Returns the
+    history of these updates (:attr:`history` has every update since the start).
     """
     if num_updates < 0:
       raise ValueError(f"num_updates must be >= 0, got {num_updates}")
-    rows = []
+    first = len(self._rows)
     last = {"forget": math.nan, "retain": math.nan}
     with _progress(num_updates, desc, progress) as bar:
       for _ in range(num_updates):
-        update, k = self.update_count, self.objective_at(self.update_count)
+        update = self.update_count
         losses = self.step(forget_batches, retain_batches)
         last.update(losses)
-        rows.append(
-          (
-            update,
-            -1 if k is None else k,
-            losses.get("forget", math.nan),
-            losses.get("retain", math.nan),
-          )
-        )
         bar.set_postfix(
           forget=f"{last['forget']:.4g}", retain=f"{last['retain']:.4g}", refresh=False
         )
         bar.update()
         if on_update is not None:
           on_update(update, losses)
-    cols = list(zip(*rows)) if rows else [(), (), (), ()]
-    return LossHistory(
-      np.asarray(cols[0], np.int64),
-      np.asarray(cols[1], np.int64),
-      np.asarray(cols[2], np.float64),
-      np.asarray(cols[3], np.float64),
-    )
+    return LossHistory.from_rows(self._rows[first:])
+
+  @property
+  def stability(self) -> dict[str, Any]:
+    """``{"max_update_ratio": largest |update| / learning rate, "elements_over_10x_lr": count}``
+    over every update so far (None without ``step_size``)."""
+    if self._step_size is None:
+      return {"max_update_ratio": None, "elements_over_10x_lr": None}
+    return {"max_update_ratio": self._largest_ratio, "elements_over_10x_lr": self._over}
+
+  @property
+  def history(self) -> LossHistory:
+    """The losses of every update since the start (restored ones included)."""
+    return LossHistory.from_rows(self._rows)
 
   @property
   def model(self) -> nnx.Module:
@@ -424,7 +555,8 @@ class Unlearner:
     return self._core.opt_state
 
   def state_dict(self) -> dict[str, Any]:
-    """``{"params", "opt_state", "update"}``: what a checkpoint needs besides the batch iterators.
+    """``{"params", "opt_state", "update", "history"}``: what a checkpoint needs besides the batch
+    iterators (``history``: :meth:`LossHistory.rows` of every update so far).
 
     The arrays are copies: the live ones are donated to the next step.
     """
@@ -433,6 +565,8 @@ class Unlearner:
       "params": copy(self._core.params),
       "opt_state": copy(self._core.opt_state),
       "update": self.update_count,
+      "history": [list(r) for r in self._rows],
+      "stability": [self._largest_ratio, self._over],
     }
 
   def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -447,55 +581,116 @@ class Unlearner:
     self._core.params = self._core.placement.put(state["params"], "params")
     self._core.opt_state = self._core.placement.put(state["opt_state"], "opt_state")
     self.update_count = int(state["update"])
+    self._rows = LossHistory.from_rows(state.get("history", [])).rows()
+    self._largest_ratio, self._over = state.get("stability", (0.0, 0))
+
+
+class CheckpointedRun(Protocol):
+  """What :func:`unlearn` needs of a ``checkpointer`` (e.g.
+  :class:`dualoptim_jax.unlearn.checkpoint.RunCheckpointer`): it drives the run itself."""
+
+  def run(
+    self,
+    unlearner: Unlearner,
+    forget_batches: Iterator[Batch],
+    retain_batches: Iterator[Batch],
+    num_updates: int,
+    *,
+    config: Mapping[str, Any],
+    progress: bool,
+    desc: str,
+  ) -> LossHistory:
+    """Runs ``unlearner`` to ``num_updates`` updates in all; ``config`` is the run's
+    :func:`run_config`. Returns the history of every update."""
+    ...
 
 
 class UnlearnResult(NamedTuple):
   model: nnx.Module
   history: LossHistory
+  config: dict[str, Any]  # run_config: preset, optimizer, loss and schedule settings
+  stability: dict[str, Any]  # Unlearner.stability: largest |update| / lr, elements over 10 lr
+
+
+def run_config(
+  preset: str,
+  loss: UnlearningLoss,
+  forget_steps: int,
+  retain_steps: int,
+  optimizer: Mapping[str, Any],
+) -> dict[str, Any]:
+  """The settings that make an unlearning run what it is, besides the model and the data."""
+  return {
+    "preset": preset,
+    "optimizer": dict(optimizer),
+    "loss": loss,
+    "schedule": {
+      "mode": PRESETS[preset].mode,
+      "forget_steps": forget_steps,
+      "retain_steps": retain_steps,
+    },
+  }
 
 
 def unlearn(
   model: nnx.Module,
-  objective: Objective,
+  loss: UnlearningLoss,
   forget_batches: Iterator[Batch],
   retain_batches: Iterator[Batch],
   *,
   preset: str = "dualoptim_plus",
   learning_rate: optax.ScalarOrSchedule = 1e-5,
   num_updates: int,
-  forget_lr_scale: float = 1.0,
-  retain_lr_scale: float = 1.0,
-  weight_decay: float = 0.01,
   forget_steps: int = 1,
   retain_steps: int = 5,
   ref_model: nnx.Module | None = None,
   progress: bool = True,
   mesh: Any = None,
+  checkpointer: CheckpointedRun | None = None,
+  **optimizer_settings: Any,
 ) -> UnlearnResult:
   """Unlearns with a named preset: :func:`make_optimizer` + :class:`Unlearner` + ``run``.
 
-  Returns a new model and the loss history; ``model`` is left as it was.
+  ``optimizer_settings`` are :func:`make_optimizer`'s keywords (``forget_lr_scale``,
+  ``weight_decay``, ...); ``decay_steps`` defaults to ``num_updates`` (the learning rate decays
+  linearly to 0 over the run, as the Hugging Face ``Trainer`` does). With a ``checkpointer`` (:class:`~dualoptim_jax.unlearn.checkpoint.
+  RunCheckpointer`) the run saves and resumes through it. Returns a new model, the loss history
+  and the run's settings (:func:`run_config`); ``model`` is left as it was.
   """
+  optimizer_settings.setdefault("decay_steps", num_updates)
   # The same transform object for the same settings: runs that differ only in seed share compiled steps.
-  kwargs = dict(
-    forget_lr_scale=forget_lr_scale, retain_lr_scale=retain_lr_scale, weight_decay=weight_decay
-  )
   try:
-    tx = _cached_optimizer(preset, learning_rate, **kwargs)
+    tx = _cached_optimizer(preset, typing.cast(Any, learning_rate), **optimizer_settings)
   except TypeError:  # an unhashable learning rate (e.g. an array): build a fresh transform
-    tx = make_optimizer(preset, learning_rate, **kwargs)
+    tx = make_optimizer(preset, learning_rate, **optimizer_settings)
+  settings = optimizer_config(preset, learning_rate, **optimizer_settings)
+  config = run_config(preset, loss, forget_steps, retain_steps, settings)
   runner = Unlearner(
     model,
-    objective,
+    loss,
     tx,
     mode=PRESETS[preset].mode,
     forget_steps=forget_steps,
     retain_steps=retain_steps,
     ref_model=ref_model,
     mesh=mesh,
+    step_size=functools.partial(step_size, settings),
   )
-  history = runner.run(forget_batches, retain_batches, num_updates, progress=progress, desc=preset)
-  return UnlearnResult(runner.model, history)
+  if checkpointer is None:
+    history = runner.run(
+      forget_batches, retain_batches, num_updates, progress=progress, desc=preset
+    )
+  else:
+    history = checkpointer.run(
+      runner,
+      forget_batches,
+      retain_batches,
+      num_updates,
+      config=config,
+      progress=progress,
+      desc=preset,
+    )
+  return UnlearnResult(runner.model, history, config, runner.stability)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,7 +728,7 @@ def finetune(
   losses = np.empty(num_steps, np.float64)
   with _progress(num_steps, desc, progress) as bar:
     for i in range(num_steps):
-      losses[i] = float(core.step(_nll_loss, (), None, next(batches)))
+      losses[i] = float(core.step(_nll_loss, (), None, next(batches))[0])
       bar.set_postfix(nll=f"{losses[i]:.4g}", refresh=False)
       bar.update()
   return FinetuneResult(core.export(), losses)
