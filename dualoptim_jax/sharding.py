@@ -479,13 +479,23 @@ def host_value(x: Any) -> np.ndarray:
 # What a training loop needs, on one device or on a mesh.
 
 
+def _global_put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put`` that also places arrays held on one local device onto shardings that
+  span other processes (JAX refuses those): they go through the host, where every process holds
+  the same value (e.g. a model loaded from a file by each process)."""
+  if jax.process_count() > 1:
+    local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable  # noqa: E731
+    tree = jax.tree.map(lambda x: np.asarray(x) if local(x) else x, tree)
+  return jax.device_put(tree, shardings)
+
+
 def _own_copy(tree: Any, shardings: Any) -> Any:
   """``tree`` on ``shardings`` in fresh buffers (safe to donate).
 
   ``device_put(..., may_alias=False)`` still aliases the source buffer in the
   device-0 shard of a replicated array (jax 0.10), so copy after placing.
   """
-  return jax.tree.map(jnp.copy, jax.device_put(tree, shardings))
+  return jax.tree.map(jnp.copy, _global_put(tree, shardings))
 
 
 class Placement:
@@ -529,7 +539,7 @@ class Placement:
     """Another param-shaped tree (a frozen reference model) laid out like the params."""
     if self.mesh is None or tree is None:
       return tree
-    return jax.device_put(tree, self.param_shardings)
+    return _global_put(tree, self.param_shardings)
 
   def put(self, tree: Any, kind: str) -> Any:
     """A copy of a ``"params"`` or ``"opt_state"`` tree (e.g. restored) in this run's layout."""
@@ -541,7 +551,7 @@ class Placement:
   def replicate(self, tree: Any) -> Any:
     if self.mesh is None:
       return tree
-    return jax.device_put(tree, replicated(self.mesh))
+    return _global_put(tree, replicated(self.mesh))
 
   def init(self, tx: Any, params: Any) -> Any:
     """``tx.init(params)``, sharded like the params on a mesh."""
