@@ -182,7 +182,10 @@ def test_killed_process_stops_the_job_and_resume_is_exact(two_process_run, tmp_p
   # A copy of the checkpoints the 2-process run left, resumed by one process (2 -> 1).
   shutil.copytree(ckpt, tmp_path / "ckpt_single")
 
-  resumed = run_job(job(tmp_path / "out", ckpt, root / "cache", "--resume"), timeout=1500)
+  # A longer heartbeat timeout than the killed run's: on a loaded machine a process can be
+  # silent for 30 s while it compiles, and that must not pass for a death here.
+  slow = ("--resume", "--distributed-timeout", "300")
+  resumed = run_job(job(tmp_path / "out", ckpt, root / "cache", *slow), timeout=1500)
   assert resumed.codes == [0, 0], resumed.tail()
   assert any(f"resumed from {first}" in line for line in resumed.lines[0]), resumed.tail()
   for preset in PRESETS:
