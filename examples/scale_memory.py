@@ -19,6 +19,7 @@ from jax.sharding import AbstractMesh, AxisType
 import dualoptim_jax as dj
 from dualoptim_jax import sharding as S
 from dualoptim_jax.models.llama import Llama, LlamaConfig
+from dualoptim_jax.unlearn.placement import MESH_AXES
 
 LLAMA3_8B = LlamaConfig(
   vocab_size=128256,
@@ -60,7 +61,7 @@ def main() -> None:
     print(f"{name:22s} state {total / GIB:7.1f} GiB = {total / n:5.2f} B/param")
   print("\nper device (state + bf16 weights), largest share; mesh axes data x fsdp:")
   for data, fsdp in ((1, 8), (1, 16), (2, 16), (1, 32), (4, 64)):
-    mesh = AbstractMesh((data, fsdp), S.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    mesh = AbstractMesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
     p_sh = S.param_shardings(bf16, mesh)
     row = []
     for name in ("dualoptim_plus fp32", "dualoptim_plus 8-bit"):

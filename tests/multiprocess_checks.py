@@ -30,6 +30,7 @@ from sharding_checks import OPTIMIZERS, expected_spec
 from dualoptim_jax import sharding as S
 from dualoptim_jax.unlearn import checkpoint as C
 from dualoptim_jax.unlearn import distributed
+from dualoptim_jax.unlearn.placement import make_mesh
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -80,7 +81,11 @@ def sharding_report(state, param_specs, mesh) -> dict:
 
 def check(name: str, init_mode: str, objective_mode: str, params, shardings, mesh, specs) -> dict:
   tx = OPTIMIZERS[name]()
-  state = tx.init(params) if init_mode == "eager" else S.init_sharded(tx, params)
+  if init_mode == "eager":
+    state = tx.init(params)
+  else:  # jitted, with the state shardings the trainer asks for
+    shapes = jax.eval_shape(tx.init, params)
+    state = jax.jit(tx.init, out_shardings=S.state_shardings(shapes, params))(params)
   res = {"init": sharding_report(state, specs, mesh)}
   if objective_mode == "static":
     update = jax.jit(lambda g, s, p, k: tx.update(g, s, p, objective=k), static_argnums=3)
@@ -104,7 +109,7 @@ def check(name: str, init_mode: str, objective_mode: str, params, shardings, mes
 def main(out_path: str) -> None:
   t0 = time.perf_counter()
   setup = distributed.initialize(timeout=60)
-  mesh = S.make_mesh("data=1,fsdp=8")
+  mesh = make_mesh("data=1,fsdp=8")
   single = host_params()
   specs_tree = S.fsdp_specs(single, mesh, min_size=1024)
   shardings = S.param_shardings(single, mesh, specs_tree)

@@ -95,7 +95,9 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert cli.main(argv) == 0
   doc = json.loads((tmp_path / "a" / "results.json").read_text())
   assert list(doc["rows"]) == ["Initial", "Retain-only", "dualoptim_plus"]
-  assert doc["config"]["forget_updates"] == 2 and doc["config"]["presets_run"] == ["dualoptim_plus"]
+  assert doc["config"]["updates"] == {"dualoptim_plus": 12}  # 2 forget updates, 2 cycles of 1 + 5
+  (seed,) = doc["rows"]["dualoptim_plus"]["seeds"]
+  assert seed["run"]["forget_updates"] == 2 and seed["run"]["optimizer"]["b2"] == 0.95
   assert all(0 <= doc["rows"][r]["mean"]["forget_prob"] <= 1 for r in doc["rows"])
   assert (
     doc["rows"]["Retain-only"]["mean"]["forget_quality"] == 1.0
@@ -206,3 +208,55 @@ def test_real_tofu_forget01_runs_through_data_dir(tmp_path):
   doc = json.loads((tmp_path / "o" / "results.json").read_text())
   assert doc["config"]["data"].startswith("tofu/forget01/task1: forget=40, retain=3960")
   assert doc["rows"]["dualoptim_plus"]["mean"]["forget_quality"] is not None
+
+
+def test_budget_rules():
+  equal = cli.RunConfig(steps=4, forget_steps=2, retain_steps=3)
+  assert [cli.budget(p, equal, 20) for p in ("joint", "alternate")] == [4, 2 * 5]
+  authors = cli.RunConfig(budget="authors", epochs=5.0, batch_size=4)
+  assert [cli.budget(p, authors, 20) for p in ("joint", "dualoptim")] == [25, cli.AUTHORS_UPDATES]
+
+
+def test_sweep_flag_parsing_and_errors(capsys):
+  cfg = cli.parse_args(["--sweep", "forget-lr-scale=0.5,2"])
+  assert cfg.sweep == ("forget_lr_scale", (0.5, 2.0))
+  for argv, message in (
+    (["--sweep", "steps=1,2"], "--sweep: 'steps' is not a float flag"),
+    (["--sweep", "lr=1e-3,-1"], "--sweep lr=-1: --lr must be > 0, got -1.0"),
+    (["--sweep", "lr"], "--sweep must be valid, got 'lr'"),
+  ):
+    with pytest.raises(SystemExit):
+      cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_writes_tradeoff_and_confidence_intervals_and_reruns_skip_finished_runs(
+  tmp_path, capsys
+):
+  """The acceptance command of issue 13 (on the tiny model)."""
+  argv = TINY + [
+    "--cache-dir",
+    str(tmp_path / "c"),
+    "--out",
+    str(tmp_path / "o"),
+  ]  # later flags win
+  argv += ["--presets", "alternate,dualoptim_plus", "--seeds", "0,1"]
+  argv += ["--sweep", "forget_lr_scale=0.5,2", "--steps", "2", "--eval-items", "6"]
+  assert cli.main(argv) == 0
+  out = tmp_path / "o"
+  assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+  assert len(list((out / "runs").rglob("seed*.json"))) == 8  # 2 presets x 2 values x 2 seeds
+  md = (out / "results.md").read_text()
+  assert "| alternate [forget_lr_scale=0.5] | 2 |" in md and " [" in md  # mean ± std [CI]
+  assert "Best setting per method" in md and "| dualoptim_plus vs |" in md
+  doc = json.loads((out / "results.json").read_text())
+  assert doc["paired_comparison"]["rows"][0]["baseline"].startswith("alternate")
+  assert doc["rows"]["dualoptim_plus [forget_lr_scale=2]"]["ci95"]["overall"] is not None
+  first = doc["rows"]
+  capsys.readouterr()
+  assert cli.main(argv) == 0  # a rerun reuses all 8 finished runs
+  assert capsys.readouterr().out.count("finished earlier") == 8
+  assert json.loads((out / "results.json").read_text())["rows"] == first
+  assert cli.main(argv + ["--lr", "1e-3"]) == 2  # other settings never overwrite a record
+  assert "was written by a run with other settings (lr 0.0003 -> 0.001)" in capsys.readouterr().err

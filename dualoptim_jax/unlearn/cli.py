@@ -21,7 +21,7 @@ counts forget updates: a joint run makes ``steps`` updates, an alternating run
 the paper's epoch-based budget.
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
-(:mod:`dualoptim_jax.sharding`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
+(:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
 ``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
 continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
 
@@ -29,9 +29,9 @@ Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process
 multi-process runtime (:mod:`dualoptim_jax.unlearn.distributed`; without them SLURM and TPU pods
 are detected, and ``python -m dualoptim_jax.launch -n N -- dualoptim-unlearn ...`` starts N local
 processes); ``--mesh`` then spans every process's devices. Every process draws the same batches
-and puts only its rows on its devices, so the result does not depend on the process count;
-process 0 alone prints progress and writes the report; checkpoints and the model cache are
-written by all (orbax: each process its shards), on storage every process can reach.
+and puts only its rows on its devices; process 0 alone prints progress and writes the report;
+checkpoints and the model cache are written by all (orbax: each process its shards), on storage
+every process can reach (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dualoptim_jax import sharding
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import distributed, metrics, pretrained, report
+from dualoptim_jax.unlearn import distributed, metrics, placement, pretrained, report
+from dualoptim_jax.unlearn import sweep as sweep_lib
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.synthetic import synthetic_tofu
@@ -73,6 +73,7 @@ PROG = "dualoptim-unlearn"
 MODEL_SIZES = {"tiny": LlamaConfig.tiny, "small": LlamaConfig.small}
 SPLITS = (*D.TOFU_SPLITS, "real_world")
 _CACHE_VERSION = "2"  # 2: the model cache is an orbax checkpoint
+AUTHORS_UPDATES = 300  # the authors' alternating scripts run 300 updates (--budget authors)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,6 +92,9 @@ class Flag:
       with the flag's name itself.
     choices: the allowed strings (argparse lists them in the help and the error).
     parse: ``text -> value``, replacing the parser derived from the field's type.
+    run_setting: whether the value shapes a run's result (False for where and how the job runs:
+      output, caches, devices, progress, which presets and seeds); a finished run is reused
+      only when every run setting matches (:func:`run_settings`).
   """
 
   help: str
@@ -98,6 +102,7 @@ class Flag:
   check: Callable[[Any], str | None] | None = None
   choices: Sequence[str] | None = None
   parse: Callable[[str], Any] | None = None
+  run_setting: bool = True
 
 
 def flag(default: Any, help: str, *, group: str, **options: Any) -> Any:
@@ -139,7 +144,7 @@ def _coordinator_address(address: str | None) -> str | None:
 def _mesh_fits(spec: str | None) -> str | None:
   try:
     if spec is not None:
-      sharding.parse_mesh_spec(spec, jax.device_count())
+      placement.parse_mesh_spec(spec, jax.device_count())
   except ValueError as e:
     return f"--mesh: {e}"
   return None
@@ -184,9 +189,31 @@ class RunConfig:
     "IDK+AP", "FORGET+RETAIN, e.g. IDK+AP, ME+GD, NPO+KL, GA+GD, SimNPO+GD, DPO+GD", group=UNLEARN
   )
   presets: tuple[str, ...] = flag(
-    tuple(PRESETS), f"comma list of {', '.join(PRESETS)}", group=UNLEARN, check=_known_presets
+    tuple(PRESETS),
+    f"comma list of {', '.join(PRESETS)}",
+    group=UNLEARN,
+    check=_known_presets,
+    run_setting=False,
   )
-  seeds: tuple[int, ...] = flag((0, 1, 2), "comma list of unlearning seeds", group=UNLEARN)
+  seeds: tuple[int, ...] = flag(
+    (0, 1, 2), "comma list of unlearning seeds", group=UNLEARN, run_setting=False
+  )
+  sweep: sweep_lib.Sweep | None = flag(
+    None,
+    "NAME=V1,V2,...: run every preset and seed at each value of the float flag NAME, e.g. "
+    "forget_lr_scale=0.5,1,2 or lr=1e-4,3e-4; each run is written to OUT/runs as it ends and a "
+    "rerun skips finished runs",
+    group=UNLEARN,
+    parse=sweep_lib.parse_sweep,
+    run_setting=False,
+  )
+  budget: str = flag(
+    "equal",
+    "equal: every preset sees the same forget examples; authors: the authors' budgets (joint "
+    f"--epochs epochs, alternating presets {AUTHORS_UPDATES} updates)",
+    group=UNLEARN,
+    choices=("equal", "authors"),
+  )
   steps: int | None = flag(
     None,
     "forget updates per run (default: --epochs over the forget set)",
@@ -209,7 +236,18 @@ class RunConfig:
   forget_coef: float = flag(1.0, "c_f: forget loss weight", group=UNLEARN)
   retain_coef: float = flag(1.0, "c_r: retain loss weight", group=UNLEARN)
   beta: float = flag(0.1, "beta of NPO / SimNPO / DPO / AP", group=UNLEARN)
-  weight_decay: float = flag(0.01, "decoupled weight decay", group=UNLEARN, check=at_least(0))
+  weight_decay: float = flag(
+    0.01, "decoupled weight decay (not on biases and norm scales)", group=UNLEARN, check=at_least(0)
+  )
+  max_grad_norm: float = flag(
+    1.0, "global-norm gradient clipping (0: off)", group=UNLEARN, check=at_least(0)
+  )
+  warmup_steps: int = flag(
+    0, "linear warm-up updates before the linear decay to 0", group=UNLEARN, check=at_least(0)
+  )
+  careful_rounding: bool = flag(
+    False, "DualOptim+: the rounding-careful form of the combined second moment", group=UNLEARN
+  )
   model: str | None = flag(
     None,
     "start from a pretrained LM: 'smollm2', a .gguf file or a HF safetensors directory "
@@ -243,36 +281,55 @@ class RunConfig:
   eval_items: int = flag(
     300, "items per evaluation split (TOFU: 300)", group=OUTPUT, check=at_least(1)
   )
-  max_new_tokens: int = flag(48, "greedy answer length for ROUGE", group=OUTPUT, check=at_least(1))
-  cache_dir: str | None = flag(
-    None, "tokenizer and model cache (default: $XDG_CACHE_HOME/dualoptim_jax)", group=OUTPUT
+  max_new_tokens: int | None = flag(
+    None,
+    "greedy answers run to EOS or this many tokens (default 128 for file data, 48 built-in)",
+    group=OUTPUT,
+    check=at_least(1),
   )
-  out: str = flag("results", "where results.json, results.md and results.png go", group=OUTPUT)
-  progress: bool = flag(True, "progress bars", group=OUTPUT)
+  cache_dir: str | None = flag(
+    None,
+    "tokenizer and model cache (default: $XDG_CACHE_HOME/dualoptim_jax)",
+    group=OUTPUT,
+    run_setting=False,
+  )
+  out: str = flag(
+    "results",
+    "where results.json, results.md, results.png, tradeoff.png and runs/ go",
+    group=OUTPUT,
+    run_setting=False,
+  )
+  progress: bool = flag(True, "progress bars", group=OUTPUT, run_setting=False)
   mesh: str | None = flag(
     None,
     "train FSDP-sharded on a device mesh, e.g. data=1,fsdp=8 or data=2,fsdp=4 (an axis "
     "left out or -1 takes the remaining devices); default: one device, no sharding",
     group=DEVICES,
     check=_mesh_fits,
+    run_setting=False,
   )
   checkpoint_dir: str | None = flag(
-    None, "checkpoint each unlearning run under DIR/<preset>/seed<k> (orbax)", group=DEVICES
+    None,
+    "checkpoint each unlearning run under DIR/<preset>/seed<k> (orbax)",
+    group=DEVICES,
+    run_setting=False,
   )
   checkpoint_every: int = flag(
     50,
     "updates between checkpoints (one is always written at the end of a run)",
     group=DEVICES,
     check=at_least(1),
+    run_setting=False,
   )
   keep_checkpoints: int = flag(
-    3, "latest checkpoints kept per run", group=DEVICES, check=at_least(1)
+    3, "latest checkpoints kept per run", group=DEVICES, check=at_least(1), run_setting=False
   )
   resume: bool = flag(
     False,
     "continue each run from its latest checkpoint in --checkpoint-dir (finished runs "
     "are restored, not rerun)",
     group=DEVICES,
+    run_setting=False,
   )
   coordinator: str | None = flag(
     None,
@@ -281,10 +338,13 @@ class RunConfig:
     "process",
     group=PROCESSES,
     check=_coordinator_address,
+    run_setting=False,
   )
-  num_processes: int | None = flag(None, "processes in the job", group=PROCESSES, check=at_least(1))
+  num_processes: int | None = flag(
+    None, "processes in the job", group=PROCESSES, check=at_least(1), run_setting=False
+  )
   process_id: int | None = flag(
-    None, "this process's index, 0 .. N-1", group=PROCESSES, check=at_least(0)
+    None, "this process's index, 0 .. N-1", group=PROCESSES, check=at_least(0), run_setting=False
   )
   distributed_timeout: int = flag(
     distributed.DEFAULT_TIMEOUT,
@@ -292,6 +352,7 @@ class RunConfig:
     "dead and the job stops",
     group=PROCESSES,
     check=at_least(1),
+    run_setting=False,
   )
 
   def __post_init__(self) -> None:
@@ -322,6 +383,16 @@ class RunConfig:
         distributed.resolve(self.coordinator, self.num_processes, self.process_id, environ={})
     except ValueError as e:
       out.append(str(e))
+    if self.sweep is not None:
+      name, values = self.sweep
+      floats = [f for f, t in _field_types().items() if t is float]
+      if name not in floats:
+        out.append(f"--sweep: {name!r} is not a float flag; sweepable: {', '.join(floats)}")
+      for value in values if name in floats else ():
+        try:
+          dataclasses.replace(self, sweep=None, **{name: value})
+        except ValueError as e:
+          out.append(f"--sweep {name}={value:g}: {e}")
     return out
 
 
@@ -536,11 +607,29 @@ def tuned_model(
   return result.model
 
 
+BUDGET_RULES = {
+  "equal": "every preset sees the same forget batches: F = --steps, or --epochs over the forget "
+  "set (ceil(epochs * forget items / batch size)) forget updates; joint makes F updates, an "
+  "alternating preset ceil(F / F_f) cycles of F_f forget + F_r retain updates",
+  "authors": "the authors' scripts: joint runs --epochs epochs over the forget set "
+  f"(ceil(epochs * forget items / batch size) updates), alternating presets {AUTHORS_UPDATES} "
+  "updates",
+}
+
+
 def num_updates(preset: str, forget_updates: int, cfg: RunConfig) -> int:
   """Optimizer updates of a run that makes ``forget_updates`` forget updates."""
   if PRESETS[preset].mode == "joint":
     return forget_updates
   return math.ceil(forget_updates / cfg.forget_steps) * (cfg.forget_steps + cfg.retain_steps)
+
+
+def budget(preset: str, cfg: RunConfig, forget_items: int) -> int:
+  """The optimizer updates of ``preset``'s run under ``--budget`` (:data:`BUDGET_RULES`)."""
+  epochs = max(1, math.ceil(cfg.epochs * forget_items / cfg.batch_size))
+  if cfg.budget == "authors":
+    return epochs if PRESETS[preset].mode == "joint" else AUTHORS_UPDATES
+  return num_updates(preset, cfg.steps or epochs, cfg)
 
 
 def _run_fingerprint(
@@ -570,152 +659,218 @@ def _run_fingerprint(
   }
 
 
+def run_settings(cfg: RunConfig) -> dict[str, Any]:
+  """The fields of ``cfg`` that shape a run's result (those whose :class:`Flag` has
+  ``run_setting``): what a finished run's record is matched on."""
+  return {
+    f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata["flag"].run_setting
+  }
+
+
 # ------------------------------------------------------------------------------------------------
 # The job.
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every run of a job shares: the data, tokenizer, both tuned models and the mesh."""
+
+  data: D.UnlearningData
+  tok: Tokenizer
+  base: nnx.Module
+  retain_only: nnx.Module
+  mesh: Any
+
+
+def prepare(cfg: RunConfig, log=print) -> Setup:
+  """Loads the data and the tokenizer and makes (or loads) the tuned and retain-only models."""
+  data = load_data(cfg)
+  log(data.summary())
+  cache = _cache_dir(cfg)
+  mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
+  if mesh is not None:
+    log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
+  if cfg.model is None:
+    vocab = cfg.vocab_size or (1024 if cfg.data_dir is None else 4096)
+    tok = Tokenizer.train(corpus(data), vocab_size=vocab, cache_path=cache / "tokenizers")
+    log(f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; {jax.devices()}")
+    general = data.real_authors + data.world_facts
+    tune = lambda kind, items: tuned_model(kind, items, tok, cfg, cache, log, mesh=mesh)
+    return Setup(
+      data,
+      tok,
+      tune("full", data.forget + data.retain + general),
+      tune("retain", data.retain + general),
+      mesh,
+    )
+  # A pretrained LM brings its general knowledge: tune on forget + retain only.
+  data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
+  log(data.summary())
+  start, tok, key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
+  log(pretrained.describe(start, cfg.model, key) + f"; devices: {jax.devices()}")
+  tune = lambda kind, items: tuned_model(
+    kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh
+  )
+  return Setup(
+    data, tok, tune("full", data.forget + data.retain), tune("retain", data.retain), mesh
+  )
+
+
+def evaluate(setup: Setup, cfg: RunConfig, model: nnx.Module, ratios=None) -> dict[str, Any]:
+  """:func:`dualoptim_jax.unlearn.metrics.evaluate` with the job's settings; token entropy
+  counts in model utility, as the authors count it."""
+  return metrics.evaluate(
+    model,
+    setup.tok,
+    setup.data,
+    retain_only_truth_ratios=ratios,
+    max_new_tokens=cfg.max_new_tokens or (48 if cfg.data_dir is None else 128),
+    max_len=cfg.max_len,
+    max_items=cfg.eval_items,
+    extra_metrics=("token_entropy",),
+    progress=cfg.progress,
+  )
+
+
+def one_run(
+  setup: Setup, cfg: RunConfig, preset: str, seed: int, ratios: Any, log=print
+) -> dict[str, Any]:
+  """Unlearns with ``preset`` and ``seed`` under ``cfg`` and evaluates: the run's record."""
+  t0 = time.perf_counter()
+  tok, data = setup.tok, setup.data
+  arrays = lambda items, k: D.tokenize_unlearning_set(
+    tok, items, data.idk_answers, cfg.max_len, seed=k
+  )
+  checkpointer = None
+  if cfg.checkpoint_dir is not None:
+    checkpointer = RunCheckpointer(
+      Path(cfg.checkpoint_dir) / preset / f"seed{seed}",
+      every=cfg.checkpoint_every,
+      keep=cfg.keep_checkpoints,
+      resume=cfg.resume,
+      fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
+      log=log,
+    )
+  updates = budget(preset, cfg, len(data.forget))
+  out = unlearn(
+    setup.base,
+    make_objective(cfg.loss, cfg.forget_coef, cfg.retain_coef, cfg.beta),
+    D.BatchIterator(arrays(data.forget, 2 * seed), cfg.batch_size, seed=2 * seed),
+    D.BatchIterator(arrays(data.retain, 2 * seed + 1), cfg.batch_size, seed=2 * seed + 1),
+    preset=preset,
+    learning_rate=cfg.lr,
+    num_updates=updates,
+    forget_steps=cfg.forget_steps,
+    retain_steps=cfg.retain_steps,
+    progress=cfg.progress,
+    mesh=setup.mesh,
+    checkpointer=checkpointer,
+    forget_lr_scale=cfg.forget_lr_scale,
+    retain_lr_scale=cfg.retain_lr_scale,
+    weight_decay=cfg.weight_decay,
+    max_grad_norm=cfg.max_grad_norm,
+    warmup_steps=cfg.warmup_steps,
+    careful_rounding=cfg.careful_rounding,
+  )
+  result = {**evaluate(setup, cfg, out.model, ratios), "seed": seed, **out.stability}
+  forget_updates = int(np.sum(out.history.objective != 1))
+  return {
+    "result": result,
+    "history": out.history.series(),
+    "run": {**out.config, "updates": updates, "forget_updates": forget_updates},
+    "seconds": time.perf_counter() - t0,
+  }
+
+
+def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
+  """Every (preset, value, seed) record, loaded if finished, else run and written at once:
+  ``{preset: [(value, [records])]}``."""
+  out: dict[str, list[tuple[float | None, list[dict[str, Any]]]]] = {}
+  for preset in cfg.presets:
+    out[preset] = []
+    for value in sweep_lib.sweep_values(cfg.sweep):
+      run_cfg = cfg
+      if cfg.sweep is not None and value is not None:
+        run_cfg = dataclasses.replace(cfg, **{cfg.sweep[0]: value})
+      records = []
+      for seed in cfg.seeds:
+        path = sweep_lib.record_path(cfg.out, preset, cfg.sweep, value, seed)
+        fp = {**run_settings(run_cfg), "preset": preset, "seed": seed, "data": setup.data.name}
+        record = sweep_lib.load_record(path, fp)
+        name = f"{sweep_lib.label(preset, cfg.sweep, value)} seed {seed}"
+        if record is not None:
+          log(f"[{name}] finished earlier: {path}")
+        else:
+          record = {"fingerprint": fp, **one_run(setup, run_cfg, preset, seed, ratios, log)}
+          sweep_lib.save_record(path, record)
+          r = record["result"]
+          log(
+            f"[{name}] UFE {r['forget_efficacy']:.3f}, MU {r['model_utility']:.3f}, "
+            f"max |update|/lr {r['max_update_ratio']:.3g} ({record['seconds']:.0f}s)"
+          )
+        records.append(record)
+      out[preset].append((value, records))
+  return out
 
 
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
 
   In a multi-process job every process runs this; process 0 alone logs, shows progress and
-  writes the report.
+  writes the report (the others return the document without writing it).
   """
   t_start = time.perf_counter()
   if not distributed.is_primary():
     cfg = dataclasses.replace(cfg, progress=False)
     log = lambda *args, **kwargs: None  # noqa: E731
-  data = load_data(cfg)
-  log(data.summary())
-  cache = _cache_dir(cfg)
-  mesh = None if cfg.mesh is None else sharding.make_mesh(cfg.mesh)
-  if mesh is not None:
-    log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
-  timings: dict[str, float] = {}
-  t0 = time.perf_counter()
-  if cfg.model is None:
-    vocab = cfg.vocab_size or (1024 if cfg.data_dir is None else 4096)
-    tok = Tokenizer.train(corpus(data), vocab_size=vocab, cache_path=cache / "tokenizers")
-    log(
-      f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; devices: {jax.devices()}"
-    )
-    general = data.real_authors + data.world_facts
-    base = tuned_model("full", data.forget + data.retain + general, tok, cfg, cache, log, mesh=mesh)
-    retain_only = tuned_model("retain", data.retain + general, tok, cfg, cache, log, mesh=mesh)
-  else:  # a pretrained LM brings its general knowledge: tune on forget + retain only
-    data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
-    log(data.summary())
-    start, tok, start_key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
-    log(pretrained.describe(start, cfg.model, start_key) + f"; devices: {jax.devices()}")
-    base = tuned_model(
-      "full",
-      data.forget + data.retain,
-      tok,
-      cfg,
-      cache,
-      log,
-      init=start,
-      init_key=start_key,
-      mesh=mesh,
-    )
-    retain_only = tuned_model(
-      "retain", data.retain, tok, cfg, cache, log, init=start, init_key=start_key, mesh=mesh
-    )
-    del start
-  timings["models_s"] = time.perf_counter() - t0
-
-  def evaluate(model, retain_only_ratios=None):
-    return metrics.evaluate(
-      model,
-      tok,
-      data,
-      retain_only_truth_ratios=retain_only_ratios,
-      max_new_tokens=cfg.max_new_tokens,
-      max_len=cfg.max_len,
-      max_items=cfg.eval_items,
-      progress=cfg.progress,
-    )
-
-  t0 = time.perf_counter()
-  reference = evaluate(retain_only)
-  ratios = np.asarray(reference["per_item"]["forget"]["truth_ratio"])
-  results: dict[str, list[dict[str, Any]]] = {
-    "Initial": [evaluate(base, ratios)],
-    "Retain-only": [evaluate(retain_only, ratios)],
+  setup = prepare(cfg, log)
+  reference = evaluate(setup, cfg, setup.retain_only)
+  ratios = reference["per_item"]["forget"]["truth_ratio"]
+  references = {
+    "Initial": [evaluate(setup, cfg, setup.base, ratios)],
+    "Retain-only": [evaluate(setup, cfg, setup.retain_only, ratios)],
   }
-  timings["reference_eval_s"] = time.perf_counter() - t0
-
-  objective = make_objective(cfg.loss, cfg.forget_coef, cfg.retain_coef, cfg.beta)
-  forget_updates = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.forget) / cfg.batch_size))
-  presets = list(cfg.presets)
-  histories: dict[str, list[dict[str, Any]]] = {}
-  for preset in presets:
-    results[preset], histories[preset] = [], []
-    t0 = time.perf_counter()
-    for seed in cfg.seeds:
-      forget = D.tokenize_unlearning_set(
-        tok, data.forget, data.idk_answers, cfg.max_len, seed=2 * seed
-      )
-      retain = D.tokenize_unlearning_set(
-        tok, data.retain, data.idk_answers, cfg.max_len, seed=2 * seed + 1
-      )
-      checkpointer = None
-      if cfg.checkpoint_dir is not None:
-        checkpointer = RunCheckpointer(
-          Path(cfg.checkpoint_dir) / preset / f"seed{seed}",
-          every=cfg.checkpoint_every,
-          keep=cfg.keep_checkpoints,
-          resume=cfg.resume,
-          fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
-          log=log,
-        )
-      out = unlearn(
-        base,
-        objective,
-        D.BatchIterator(forget, cfg.batch_size, seed=2 * seed),
-        D.BatchIterator(retain, cfg.batch_size, seed=2 * seed + 1),
-        preset=preset,
-        learning_rate=cfg.lr,
-        num_updates=num_updates(preset, forget_updates, cfg),
-        forget_steps=cfg.forget_steps,
-        retain_steps=cfg.retain_steps,
-        progress=cfg.progress,
-        mesh=mesh,
-        checkpointer=checkpointer,
-        forget_lr_scale=cfg.forget_lr_scale,
-        retain_lr_scale=cfg.retain_lr_scale,
-        weight_decay=cfg.weight_decay,
-      )
-      res = evaluate(out.model, ratios)
-      res["seed"] = seed
-      results[preset].append(res)
-      histories[preset].append(out.history.series())
-      log(
-        f"[{preset} seed {seed}] forget prob {res['forget_prob']:.3f}, UFE {res['forget_efficacy']:.3f}, "
-        f"MU {res['model_utility']:.3f}, FQ {res['forget_quality']:.3g}"
-      )
-    timings[f"{preset}_s"] = time.perf_counter() - t0
-
-  timings["total_s"] = time.perf_counter() - t_start
+  runs = _sweep_runs(setup, cfg, ratios, log)
+  results = dict(references)
+  histories, curves = {}, {}
+  for preset, settings in runs.items():
+    curves[preset] = []
+    for value, records in settings:
+      row = sweep_lib.label(preset, cfg.sweep, value)
+      results[row] = [{**r["result"], "run": r["run"]} for r in records]
+      histories[row] = [r["history"] for r in records]
+      curves[preset].append((row.removeprefix(preset).strip(" []") or preset, results[row]))
+  best = sweep_lib.best_settings(
+    {p: [(v, [r["result"] for r in recs]) for v, recs in s] for p, s in runs.items()}, ratios
+  )
+  halves = {
+    k: [metrics.summarize_half(r, "test", retain_only_truth_ratios=ratios) for r in v]
+    for k, v in references.items()
+  }
+  sections, extra = sweep_lib.sections(best, cfg.sweep, halves)
   config = {
     **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
-    "data": data.summary(),
-    "forget_updates": forget_updates,
-    "presets_run": presets,
-    "tokenizer_vocab": tok.vocab_size,
-    "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, jax devices {jax.devices()}",
-    "timings": {k: round(v, 1) for k, v in timings.items()},
+    "data": setup.data.summary(),
+    "budget_rule": BUDGET_RULES[cfg.budget],
+    "updates": {p: budget(p, cfg, len(setup.data.forget)) for p in cfg.presets},
+    "tokenizer_vocab": setup.tok.vocab_size,
+    "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, {jax.devices()}",
+    "wall_s": round(time.perf_counter() - t_start, 1),
   }
   if not distributed.is_primary():
     doc = report.results_json(results, loss_histories=histories, config=config)
-    return json.loads(json.dumps(doc))
+    return json.loads(json.dumps({**doc, **dict(extra or {})}))
   files = report.write_report(
     cfg.out,
     results,
     loss_histories=histories,
     config=config,
-    title=f"Unlearning {data.name} with {objective.name}",
+    title=f"Unlearning {setup.data.name} with {cfg.loss}",
+    sections=sections,
+    extra_json=extra,
+    tradeoff=curves,
   )
-  log(f"wrote {files.json}, {files.markdown}, {files.plot} in {timings['total_s']:.0f}s")
+  log(f"wrote {files.json}, {files.markdown}, {files.plot} in {config['wall_s']:.0f}s")
   return json.loads(files.json.read_text())
 
 

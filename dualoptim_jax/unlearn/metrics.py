@@ -458,7 +458,7 @@ def summarize_half(
     idx = half(len(items["prob"]), which)
     if idx.size == 0:
       raise ValueError(f"split {split!r} has {len(items['prob'])} item(s): too few to halve")
-    column = lambda name: np.asarray(items[name], np.float64)[idx]
+    column = lambda name, items=items, idx=idx: np.asarray(items[name], np.float64)[idx]
     extras = {
       n: column(n) for n in items if n not in ("prob", "rouge", "truth_ratio", "generation")
     }

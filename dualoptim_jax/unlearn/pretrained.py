@@ -66,7 +66,6 @@ DEFAULTS: dict[str, Any] = dict(
   steps=4,  # forget updates per run (alternating: 4 x (1 + 5) updates)
   batch_size=4,
   eval_items=10,
-  max_new_tokens=24,
   seeds=(0,),
 )
 

@@ -49,7 +49,7 @@ class Stat(NamedTuple):
   ci_high: float | None = None
 
 
-def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+def confidence_interval(values: Any, level: float = 0.95) -> tuple[float, float] | None:
   """Student-t interval ``mean -/+ t_{(1+level)/2, n-1} s / sqrt(n)`` of the mean (None, n < 2)."""
   v = np.asarray(values, np.float64)
   if v.size < 2:
@@ -176,8 +176,10 @@ def paired_comparison(
   for row, runs in results.items():
     if row == reference:
       continue
-    pairs = [(mine[r.get("seed")], r.get(metric)) for r in runs if r.get("seed") in mine]
-    pairs = [(a, b) for a, b in pairs if _is_number(a) and _is_number(b)]
+    candidates: list[tuple[Any, Any]] = [
+      (mine[r.get("seed")], r.get(metric)) for r in runs if r.get("seed") in mine
+    ]
+    pairs = [(float(a), float(b)) for a, b in candidates if _is_number(a) and _is_number(b)]
     if not pairs:
       continue
     diffs = [a - b for a, b in pairs]
@@ -241,7 +243,10 @@ def plot_tradeoff(
       sx, sy = seed_stats(runs).get(x), seed_stats(runs).get(y)
       if sx is None or sy is None or sx.mean is None or sy.mean is None:
         continue
-      xs.append(sx.mean), ys.append(sy.mean), xe.append(sx.std or 0.0), ye.append(sy.std or 0.0)
+      xs.append(sx.mean)
+      ys.append(sy.mean)
+      xe.append(sx.std or 0.0)
+      ye.append(sy.std or 0.0)
       means.append((sx.mean, sy.mean))
       ax.annotate(
         label, (sx.mean, sy.mean), fontsize="x-small", xytext=(3, 3), textcoords="offset points"

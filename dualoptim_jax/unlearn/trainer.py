@@ -36,10 +36,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import dualoptim_jax as dj
-from dualoptim_jax.sharding import Placement
 from dualoptim_jax.unlearn.jsonable import float_or_nan
 from dualoptim_jax.unlearn.losses import UnlearningLoss, masked_nll
 from dualoptim_jax.unlearn.paths import path_name
+from dualoptim_jax.unlearn.placement import Placement
 
 __all__ = [
   "Preset",
@@ -224,7 +224,7 @@ def step_size(config: Mapping[str, Any], update: int, objective: int | None) -> 
   lr = learning_rate_schedule(
     config["learning_rate"], config["warmup_steps"], config["decay_steps"]
   )
-  value = float(lr(update)) if callable(lr) else float(lr)
+  value = float(lr(update) if callable(lr) else lr)  # pyright: ignore[reportArgumentType]
   if PRESETS[config["preset"]].mode == "joint" or objective is None:
     return value
   return value * float(config["forget_lr_scale" if objective == FORGET else "retain_lr_scale"])
@@ -292,7 +292,7 @@ def _compiled_update(
 class _Core:
   """Parameters and optimizer state of one module under one transform.
 
-  With a ``mesh`` (:func:`dualoptim_jax.sharding.make_mesh`) the parameters are sharded by their
+  With a ``mesh`` (:func:`dualoptim_jax.unlearn.placement.make_mesh`) the parameters are sharded by their
   annotations, the optimizer state like its parameters and batch rows over the devices; without
   one everything stays on the default device. The step is the same code either way.
   """
@@ -420,7 +420,7 @@ class Unlearner:
     mode: ``"joint"`` or ``"alternate"``.
     forget_steps, retain_steps: ``F_f``, ``F_r`` >= 1 of the alternating schedule.
     ref_model: frozen reference for NPO / DPO / KL; default: ``model`` as it is now.
-    mesh: a ``('data', 'fsdp')`` mesh (:func:`dualoptim_jax.sharding.make_mesh`) to train
+    mesh: a ``('data', 'fsdp')`` mesh (:func:`dualoptim_jax.unlearn.placement.make_mesh`) to train
       FSDP-sharded on; None: the default device.
     step_size: ``(update, objective) -> learning rate`` of ``tx`` (:func:`step_size`), for the
       stability record :attr:`stability`: the largest ``|update| / learning rate`` of any element
