@@ -2,6 +2,15 @@
 
 Shared-base + decoupled-delta optimizers for training against several
 objectives, above all machine unlearning (Zhong et al., 2025).
+
+The public API is what this module exports: the ready optimizers (aliases),
+their ``scale_by_*`` transforms, what a new instance of the mechanism needs
+(:class:`Moment`, :data:`Direction`, :data:`StoragePolicy`,
+:func:`shared_base_moments`), state storage and the objective schedule. The
+multi-device helpers are in :mod:`dualoptim_jax.sharding`, the 8-bit codec in
+:mod:`dualoptim_jax.quantize`; the unlearning package
+(:mod:`dualoptim_jax.unlearn`, extra ``[unlearn]``) and the models
+(:mod:`dualoptim_jax.models`) are imported on their own.
 """
 
 from dualoptim_jax.alias import (
@@ -14,28 +23,17 @@ from dualoptim_jax.alias import (
   dualoptim_plus_sgd,
 )
 from dualoptim_jax.decoupled import DecoupledState, decoupled
+from dualoptim_jax.hyperparams import STATIC_HYPERPARAMS, static_hyperparams
 from dualoptim_jax.instances import (
   scale_by_dualoptim_plus_adafactor,
   scale_by_dualoptim_plus_lion,
   scale_by_dualoptim_plus_rmsprop,
   scale_by_dualoptim_plus_sgd,
 )
-from dualoptim_jax.moments import (
-  Moment,
-  MomentCodec,
-  SharedBaseState,
-  float_storage,
-  shared_base_moments,
-)
-from dualoptim_jax.quantize import (
-  QuantizedArray,
-  dequantize_blockwise,
-  dynamic_map,
-  quantize_blockwise,
-  state_nbytes,
-)
+from dualoptim_jax.moments import Direction, Moment, SharedBaseState, shared_base_moments
+from dualoptim_jax.quantize import QuantizedArray, state_nbytes
 from dualoptim_jax.schedule import alternating
-from dualoptim_jax.storage import STATIC_HYPERPARAMS, state_storage, static_hyperparams
+from dualoptim_jax.storage import MomentCodec, StoragePolicy, float_storage, state_storage
 from dualoptim_jax.transform import (
   ScaleByObjectiveLearningRateState,
   scale_by_adam_8bit,
@@ -47,26 +45,25 @@ from dualoptim_jax.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+  "STATIC_HYPERPARAMS",
   "DecoupledState",
+  "Direction",
   "Moment",
   "MomentCodec",
   "QuantizedArray",
-  "STATIC_HYPERPARAMS",
   "ScaleByObjectiveLearningRateState",
   "SharedBaseState",
+  "StoragePolicy",
   "adamw_8bit",
   "alternating",
   "decoupled",
-  "dequantize_blockwise",
   "dualoptim",
   "dualoptim_plus",
   "dualoptim_plus_adafactor",
   "dualoptim_plus_lion",
   "dualoptim_plus_rmsprop",
   "dualoptim_plus_sgd",
-  "dynamic_map",
   "float_storage",
-  "quantize_blockwise",
   "scale_by_adam_8bit",
   "scale_by_dualoptim",
   "scale_by_dualoptim_plus",

@@ -14,7 +14,8 @@ from typing import Any
 import optax
 
 from dualoptim_jax import instances, transform
-from dualoptim_jax.moments import is_traced
+from dualoptim_jax.hyperparams import is_traced
+from dualoptim_jax.storage import StoragePolicy
 
 
 def _with_decay_and_lr(
@@ -53,13 +54,9 @@ def dualoptim_plus(
   num_objectives: int = 2,
   lr_scales: Sequence[float] | None = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  mu_dtype: Any = None,
-  state_bits: int = 32,
-  block_size: int = 256,
-  min_8bit_size: int = 4096,
-  quantize_base: bool = True,
-  quantize_delta: bool = True,
-  keep_fp32: Callable[[str], bool] | None = None,
+  storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
+  careful_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ with decoupled weight decay (AdamW form).
 
@@ -73,14 +70,13 @@ def dualoptim_plus(
     num_objectives: K.
     lr_scales: per-objective learning-rate multipliers (e.g. forget, retain).
     mask: weight-decay mask, as ``optax.adamw``'s.
-    mu_dtype: dtype of the float moments.
-    state_bits: 32, or 8 for block-wise 8-bit moments ("DO+ 8bit").
-    block_size: elements per 8-bit block (default 256, as bitsandbytes).
-    min_8bit_size: moments of fewer elements stay float.
-    quantize_base: with 8 bits, quantize the shared base.
-    quantize_delta: with 8 bits, quantize the per-objective deltas.
-    keep_fp32: predicate on the parameter's path string that keeps its moments
-      float (e.g. ``lambda path: "embed" in path``).
+    storage: where the moments live: ``dj.state_storage(state_bits=8,
+      block_size=..., keep_fp32=..., dtype=...)`` or any
+      :data:`~dualoptim_jax.StoragePolicy` (default: float, the parameters'
+      dtype).
+    state_bits: sugar: 8 ("DO+ 8bit") is ``storage=dj.state_storage(state_bits=8)``.
+    careful_rounding: the rounding-careful form of the combined moments (see
+      :func:`~dualoptim_jax.scale_by_dualoptim_plus`); default: the released one.
 
   Example:
     >>> import jax.numpy as jnp, optax, dualoptim_jax as dj
@@ -98,13 +94,9 @@ def dualoptim_plus(
       base_b2,
       eps,
       num_objectives=num_objectives,
-      mu_dtype=mu_dtype,
+      storage=storage,
       state_bits=state_bits,
-      block_size=block_size,
-      min_8bit_size=min_8bit_size,
-      quantize_base=quantize_base,
-      quantize_delta=quantize_delta,
-      keep_fp32=keep_fp32,
+      careful_rounding=careful_rounding,
     ),
     learning_rate,
     weight_decay,
@@ -124,18 +116,15 @@ def dualoptim(
   num_objectives: int = 2,
   lr_scales: Sequence[float] | None = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  mu_dtype: Any = None,
-  state_bits: int = 32,
-  block_size: int = 256,
-  min_8bit_size: int = 4096,
-  keep_fp32: Callable[[str], bool] | None = None,
+  storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim (one Adam state per objective) with decoupled weight decay.
 
   See :func:`~dualoptim_jax.scale_by_dualoptim`. With a constant learning rate
   and all ``lr_scales`` 1, objective k's parameter updates equal those of an
-  ``optax.adamw`` fed only objective k's gradients. ``state_bits=8`` ("DO
-  8bit") and the other storage options are as in :func:`dualoptim_plus`.
+  ``optax.adamw`` fed only objective k's gradients. ``storage`` and
+  ``state_bits=8`` ("DO 8bit") are as in :func:`dualoptim_plus`.
   """
   return _with_decay_and_lr(
     transform.scale_by_dualoptim(
@@ -143,11 +132,8 @@ def dualoptim(
       b2,
       eps,
       num_objectives=num_objectives,
-      mu_dtype=mu_dtype,
+      storage=storage,
       state_bits=state_bits,
-      block_size=block_size,
-      min_8bit_size=min_8bit_size,
-      keep_fp32=keep_fp32,
     ),
     learning_rate,
     weight_decay,
@@ -167,14 +153,14 @@ def adamw_8bit(
   weight_decay: float = 1e-4,
   mask: Any | Callable[[optax.Params], Any] | None = None,
   *,
-  block_size: int = 256,
-  min_8bit_size: int = 4096,
-  keep_fp32: Callable[[str], bool] | None = None,
+  storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.adamw`` with block-wise 8-bit moments: the single-objective baseline.
 
-  Same arguments and defaults as ``optax.adamw`` (``nesterov`` aside); its
-  ``update`` takes no ``objective``. See :func:`~dualoptim_jax.scale_by_adam_8bit`.
+  Same arguments and defaults as ``optax.adamw`` (``nesterov`` aside), plus
+  ``storage`` (default ``dj.state_storage(state_bits=8, dtype=mu_dtype)``). Its
+  ``update`` ignores ``objective=``, as ``optax.adamw``'s does. See
+  :func:`~dualoptim_jax.scale_by_adam_8bit`.
   """
   return _with_decay_and_lr(
     transform.scale_by_adam_8bit(
@@ -183,9 +169,7 @@ def adamw_8bit(
       eps,
       eps_root,
       mu_dtype,
-      block_size=block_size,
-      min_8bit_size=min_8bit_size,
-      keep_fp32=keep_fp32,
+      storage=storage,
     ),
     learning_rate,
     weight_decay,
@@ -209,7 +193,8 @@ def dualoptim_plus_lion(
   num_objectives: int = 2,
   lr_scales: Sequence[float] | None = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  mu_dtype: Any = None,
+  storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ in Lion form with decoupled weight decay.
 
@@ -224,7 +209,7 @@ def dualoptim_plus_lion(
   """
   return _with_decay_and_lr(
     instances.scale_by_dualoptim_plus_lion(
-      b1, b2, base_b2, num_objectives=num_objectives, mu_dtype=mu_dtype
+      b1, b2, base_b2, num_objectives=num_objectives, storage=storage, state_bits=state_bits
     ),
     learning_rate,
     weight_decay,
@@ -244,7 +229,8 @@ def dualoptim_plus_sgd(
   num_objectives: int = 2,
   lr_scales: Sequence[float] | None = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  accumulator_dtype: Any = None,
+  storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ in SGD-with-momentum form (EMA momentum, optional Nesterov).
 
@@ -264,7 +250,8 @@ def dualoptim_plus_sgd(
       nesterov,
       base_momentum,
       num_objectives=num_objectives,
-      accumulator_dtype=accumulator_dtype,
+      storage=storage,
+      state_bits=state_bits,
     ),
     learning_rate,
     weight_decay,
@@ -286,7 +273,8 @@ def dualoptim_plus_rmsprop(
   num_objectives: int = 2,
   lr_scales: Sequence[float] | None = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  mu_dtype: Any = None,
+  storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ in RMSprop form with decoupled weight decay.
 
@@ -305,7 +293,8 @@ def dualoptim_plus_rmsprop(
       eps_in_sqrt=eps_in_sqrt,
       bias_correction=bias_correction,
       num_objectives=num_objectives,
-      mu_dtype=mu_dtype,
+      storage=storage,
+      state_bits=state_bits,
     ),
     learning_rate,
     weight_decay,
@@ -329,7 +318,8 @@ def dualoptim_plus_adafactor(
   num_objectives: int = 2,
   lr_scales: Sequence[float] | None = None,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  mu_dtype: Any = None,
+  storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DualOptim+ over Adafactor's factored second moments.
 
@@ -350,7 +340,7 @@ def dualoptim_plus_adafactor(
   if clipping_threshold is not None and not is_traced(clipping_threshold):
     if not float(clipping_threshold) >= 1.0:
       raise ValueError(f"clipping_threshold must be >= 1 or None, got {clipping_threshold!r}.")
-  parts = [
+  parts: list[optax.GradientTransformation] = [
     instances.scale_by_dualoptim_plus_adafactor(
       b2,
       base_b2,
@@ -358,7 +348,8 @@ def dualoptim_plus_adafactor(
       factored=factored,
       min_dim_size_to_factor=min_dim_size_to_factor,
       num_objectives=num_objectives,
-      mu_dtype=mu_dtype,
+      storage=storage,
+      state_bits=state_bits,
     )
   ]
   if clipping_threshold is not None:

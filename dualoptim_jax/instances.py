@@ -28,22 +28,15 @@ References:
 from __future__ import annotations
 
 import numbers
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualoptim_jax.moments import (
-  Direction,
-  Moment,
-  StoragePolicy,
-  check_decay,
-  float_storage,
-  shared_base_moments,
-)
-from dualoptim_jax.transform import check_eps
+from dualoptim_jax.hyperparams import check_decay, check_eps
+from dualoptim_jax.moments import Direction, Moment, shared_base_moments
+from dualoptim_jax.storage import StoragePolicy, resolve_storage
 
 
 def _identity(g: jax.Array) -> jax.Array:
@@ -54,14 +47,14 @@ def _build(
   moments: tuple[Moment, ...],
   direction: Direction,
   num_objectives: int,
-  mu_dtype: Any,
   storage: StoragePolicy | None,
+  state_bits: int | None,
 ) -> optax.GradientTransformationExtraArgs:
   return shared_base_moments(
     moments,
     direction,
     num_objectives=num_objectives,
-    storage=storage or float_storage(mu_dtype),
+    storage=resolve_storage(storage, state_bits),
   )
 
 
@@ -90,8 +83,8 @@ def scale_by_dualoptim_plus_lion(
   base_b2: float = 0.99,
   *,
   num_objectives: int = 2,
-  mu_dtype: Any = None,
   storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ in Lion form.
 
@@ -114,9 +107,10 @@ def scale_by_dualoptim_plus_lion(
     b2: decay of the momentum deltas, in [0, 1).
     base_b2: decay of the shared momentum base, in [0, 1).
     num_objectives: K >= 1 objectives, each with its own delta.
-    mu_dtype: dtype of the stored moments (default: the parameters' dtype).
-    storage: advanced: a :data:`~dualoptim_jax.moments.StoragePolicy`
-      (overrides ``mu_dtype``).
+    storage: where the moments live, a :data:`~dualoptim_jax.StoragePolicy`
+      from :func:`~dualoptim_jax.state_storage` (default: float, the
+      parameters' dtype).
+    state_bits: sugar: 8 is ``storage=dj.state_storage(state_bits=8)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -132,8 +126,8 @@ def scale_by_dualoptim_plus_lion(
     lion_moments(b2, base_b2),
     lion_direction(b1),
     num_objectives,
-    mu_dtype,
     storage,
+    state_bits,
   )
 
 
@@ -171,8 +165,8 @@ def scale_by_dualoptim_plus_sgd(
   base_momentum: float = 0.9,
   *,
   num_objectives: int = 2,
-  accumulator_dtype: Any = None,
   storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ in SGD-with-momentum form (EMA form).
 
@@ -198,8 +192,10 @@ def scale_by_dualoptim_plus_sgd(
     nesterov: use the Nesterov look-ahead.
     base_momentum: decay of the shared momentum base, in [0, 1).
     num_objectives: K >= 1.
-    accumulator_dtype: dtype of the stored moments (default: the parameters').
-    storage: advanced: a :data:`~dualoptim_jax.moments.StoragePolicy`.
+    storage: where the moments live, a :data:`~dualoptim_jax.StoragePolicy`
+      from :func:`~dualoptim_jax.state_storage` (default: float, the
+      parameters' dtype).
+    state_bits: sugar: 8 is ``storage=dj.state_storage(state_bits=8)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` needing ``objective=``; state
@@ -213,8 +209,8 @@ def scale_by_dualoptim_plus_sgd(
     sgd_moments(momentum, base_momentum),
     sgd_direction(momentum, nesterov),
     num_objectives,
-    accumulator_dtype,
     storage,
+    state_bits,
   )
 
 
@@ -258,8 +254,8 @@ def scale_by_dualoptim_plus_rmsprop(
   eps_in_sqrt: bool = True,
   bias_correction: bool = False,
   num_objectives: int = 2,
-  mu_dtype: Any = None,
   storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ in RMSprop form (``optax.scale_by_rms``).
 
@@ -285,8 +281,10 @@ def scale_by_dualoptim_plus_rmsprop(
     eps_in_sqrt: put ``eps`` inside the square root (optax's default).
     bias_correction: Adam-style bias correction of base and deltas.
     num_objectives: K >= 1.
-    mu_dtype: dtype of the stored moments (default: the parameters').
-    storage: advanced: a :data:`~dualoptim_jax.moments.StoragePolicy`.
+    storage: where the moments live, a :data:`~dualoptim_jax.StoragePolicy`
+      from :func:`~dualoptim_jax.state_storage` (default: float, the
+      parameters' dtype).
+    state_bits: sugar: 8 is ``storage=dj.state_storage(state_bits=8)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` needing ``objective=``.
@@ -298,8 +296,8 @@ def scale_by_dualoptim_plus_rmsprop(
     rmsprop_moments(decay, base_decay, bias_correction),
     rmsprop_direction(eps, eps_in_sqrt),
     num_objectives,
-    mu_dtype,
     storage,
+    state_bits,
   )
 
 
@@ -389,8 +387,8 @@ def scale_by_dualoptim_plus_adafactor(
   factored: bool = True,
   min_dim_size_to_factor: int = 128,
   num_objectives: int = 2,
-  mu_dtype: Any = None,
   storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ over Adafactor's factored second moments.
 
@@ -424,10 +422,11 @@ def scale_by_dualoptim_plus_adafactor(
     factored: factor leaves with two large axes (else full second moments).
     min_dim_size_to_factor: the smallest size of both factored axes, >= 1.
     num_objectives: K >= 1.
-    mu_dtype: dtype of the stored moments (default: the parameters').
-    storage: advanced: a :data:`~dualoptim_jax.moments.StoragePolicy`; note
-      it is chosen from the parameter's shape, while factored moments are
-      smaller.
+    storage: where the moments live, a :data:`~dualoptim_jax.StoragePolicy`
+      from :func:`~dualoptim_jax.state_storage` (default: float, the
+      parameters' dtype).
+      A policy sees each factored moment's own (smaller) shape.
+    state_bits: sugar: 8 is ``storage=dj.state_storage(state_bits=8)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` needing ``objective=``; state
@@ -450,6 +449,6 @@ def scale_by_dualoptim_plus_adafactor(
     adafactor_moments(b2, base_b2, eps, factored, min_dim_size_to_factor),
     adafactor_direction(eps, factored, min_dim_size_to_factor),
     num_objectives,
-    mu_dtype,
     storage,
+    state_bits,
   )

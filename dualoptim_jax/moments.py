@@ -32,10 +32,17 @@ Only the active objective's deltas are read or written. Scalars of the bias
 corrections are computed once per step and applied as multiplications (on
 XLA:CPU a division per element is measurably slower).
 
-Storage: every stored moment leaf goes through a :class:`MomentCodec` chosen per
-leaf from its global shape (float32/``mu_dtype`` by default; 8-bit block-wise
-quantisation, see :mod:`dualoptim_jax.quantize`). The maths above never sees the
-storage format.
+Reading order: :func:`delta_ema`, :func:`combine` and :func:`base_ema` are the
+equations above, :func:`leaf_step` applies them to one leaf, and
+``_SharedBase.static_update`` to a tree: that is the reference.
+``_SharedBase.traced_update`` computes the same for a traced objective and owns
+the XLA:CPU tricks that keep it in place (its docstring says which and why).
+:func:`shared_base_moments` only validates and wires.
+
+Storage: every stored moment leaf goes through a
+:class:`~dualoptim_jax.storage.MomentCodec` chosen once per update per leaf from
+its global shape (:mod:`dualoptim_jax.storage`: float by default; 8-bit
+block-wise quantisation). The maths above never sees the storage format.
 
 References:
   Zhong et al., "DualOptim: Enhancing Efficacy and Stability in Machine
@@ -44,15 +51,17 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from dualoptim_jax import objective as objective_lib
+from dualoptim_jax.hyperparams import check_decay
+from dualoptim_jax.storage import MomentCodec, StoragePolicy, float_storage, placed_spec
 
 Array = jax.Array
 # (current moment estimates, previous moment estimates, gradient) -> update.
@@ -65,8 +74,8 @@ class Moment(NamedTuple):
   Attributes:
     statistic: ``s(g)``, applied per leaf; may change the shape (factored
       second moments).
-    decay: EMA decay of the per-objective deltas, in [0, 1).
-    base_decay: EMA decay of the shared base, in [0, 1).
+    decay: EMA decay :math:`\\beta` of the per-objective deltas, in [0, 1).
+    base_decay: EMA decay :math:`\\bar\\beta` of the shared base, in [0, 1).
     bias_correction: divide by ``1 - decay**steps`` (Adam-style) or not.
     nonnegative: ``s(g) >= 0`` always (so the base may be stored with an
       unsigned quantisation map; deltas are always signed).
@@ -77,40 +86,6 @@ class Moment(NamedTuple):
   base_decay: float
   bias_correction: bool = True
   nonnegative: bool = False
-
-
-class MomentCodec(NamedTuple):
-  """How one moment leaf is stored: ``encode`` float -> stored, ``decode`` back."""
-
-  init: Callable[[jax.ShapeDtypeStruct], Any]
-  encode: Callable[[Array], Any]
-  decode: Callable[[Any], Array]
-
-
-# (path of the parameter, the stored moment's global shape and the parameter's
-#  dtype, moment index, is_base, whether the stored value is never negative)
-#  -> codec. Decided from global shapes only, so
-# every shard of a sharded parameter makes the same choice.
-StoragePolicy = Callable[[tuple, jax.ShapeDtypeStruct, int, bool, bool], MomentCodec]
-
-
-def float_codec(dtype: Any) -> MomentCodec:
-  """Stores a moment as a plain array of ``dtype``."""
-  return MomentCodec(
-    init=lambda spec: jnp.zeros(spec.shape, dtype),
-    encode=lambda x: x.astype(dtype),
-    decode=lambda x: x,
-  )
-
-
-def float_storage(dtype: Any = None) -> StoragePolicy:
-  """Every moment as a plain array (``dtype=None``: the parameter's dtype)."""
-
-  def policy(path, param, index, is_base, nonnegative):
-    del path, index, is_base, nonnegative
-    return float_codec(dtype or param.dtype)
-
-  return policy
 
 
 class SharedBaseState(NamedTuple):
@@ -131,32 +106,31 @@ class SharedBaseState(NamedTuple):
   deltas: tuple[tuple[Any, ...], ...]
 
 
-def is_traced(value: Any) -> bool:
-  """True for a traced hyperparameter (e.g. under ``optax.inject_hyperparams``)."""
-  return isinstance(value, jax.core.Tracer)
+# ------------------------------------------------------------------------------
+# The equations, one moment of one leaf at a time.
 
 
-def check_decay(name: str, value: Any) -> float:
-  """Raises unless ``0 <= value < 1`` (traced values are checked by the caller)."""
-  if is_traced(value):
-    return value
-  try:
-    ok = 0.0 <= float(value) < 1.0
-  except (TypeError, ValueError):
-    ok = False
-  if not ok:
-    raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
-  return value
+class Corrections(NamedTuple):
+  """Per-step scalars of one moment (computed once per step, applied as products).
+
+  Attributes:
+    base: :math:`1 / (1 - \\bar\\beta^{\\,n-1})`, 0 at :math:`n = 1`.
+    delta: :math:`1 / (1 - \\beta^{\\,t_k})`, this step's delta correction.
+    previous: :math:`1 / (1 - \\beta^{\\,t_k - 1})`, 0 at :math:`t_k = 1`.
+    careful: :math:`\\beta (1 - \\beta^{\\,t_k - 1}) / (1 - \\beta^{\\,t_k})`, the base's
+      weight in :func:`combine_carefully`.
+  All 1 (``careful``: :math:`\\beta`) for a moment without bias correction.
+  """
+
+  base: Array
+  delta: Array
+  previous: Array
+  careful: Array
 
 
-def _compute_dtype(dtype: Any) -> Any:
-  # float64 only when the state itself is float64 (x64 mode); otherwise float32,
-  # also for bfloat16 storage, whose precision is far too low for the EMAs.
-  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
-
-
-def _power(beta: float, steps: Array, dtype: Any) -> Array:
-  return jnp.asarray(beta, dtype) ** steps.astype(dtype)
+def _increment(count: Array) -> Array:
+  """``count + 1``, saturating at the int32 maximum (``optax.safe_increment``)."""
+  return jnp.asarray(optax.safe_increment(count))
 
 
 def _reciprocal_correction(beta: float, steps: Array, dtype: Any) -> Array:
@@ -165,17 +139,347 @@ def _reciprocal_correction(beta: float, steps: Array, dtype: Any) -> Array:
   At zero steps the EMA is still zero, so 0 is the right factor; the guarded
   division also keeps checkify's division-by-zero check quiet.
   """
-  correction = 1 - _power(beta, steps, dtype)
+  correction = 1 - jnp.asarray(beta, dtype) ** steps.astype(dtype)
   safe = jnp.where(steps > 0, correction, jnp.ones([], dtype))
   return jnp.where(steps > 0, 1 / safe, jnp.zeros([], dtype))
 
 
-def _spec(leaf: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
+def corrections(m: Moment, dtype: Any, n_prev: Array, t_prev: Array) -> Corrections:
+  """The :class:`Corrections` of moment ``m`` after ``n_prev`` global / ``t_prev`` own steps."""
+  beta = jnp.asarray(m.decay, dtype)
+  if not m.bias_correction:
+    one = jnp.ones([], dtype)
+    return Corrections(one, one, one, beta)
+  delta = _reciprocal_correction(m.decay, _increment(t_prev), dtype)
+  careful = beta * (1 - beta ** t_prev.astype(dtype)) * delta
+  return Corrections(
+    base=_reciprocal_correction(m.base_decay, n_prev, dtype),
+    delta=delta,
+    previous=_reciprocal_correction(m.decay, t_prev, dtype),
+    careful=careful,
+  )
 
 
-def _leaf_paths(tree: Any) -> list[tuple]:
-  return [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+def delta_ema(m: Moment, d: Array, s: Array, b_hat: Array | None) -> Array:
+  r""":math:`D \leftarrow \beta D + (1 - \beta)(s - \hat B)` (:math:`\hat B = 0`: ``None``)."""
+  return m.decay * d + (1 - m.decay) * (s if b_hat is None else s - b_hat)
+
+
+def combine(d: Array, b_hat: Array | None, scale: Array) -> Array:
+  r""":math:`M = D / (1 - \beta^{t}) + \hat B`, ``scale`` the reciprocal correction."""
+  return d * scale if b_hat is None else d * scale + b_hat
+
+
+def combine_carefully(m: Moment, d_old: Array, s: Array, b_hat: Array, c: Corrections) -> Array:
+  r"""The same :math:`M` as :func:`combine` after :func:`delta_ema`, rounded carefully.
+
+  Substituting the delta EMA into :math:`M = D_{\text{new}}/c + \hat B`
+  (:math:`c = 1 - \beta^{t}`) and collecting :math:`\hat B`:
+
+  .. math::
+
+    M = \frac{\beta D_{\text{old}} + (1-\beta)\, s}{c}
+        + \hat B\, \frac{\beta (1 - \beta^{\,t-1})}{c},
+
+  exact in exact arithmetic. The released form first rounds
+  :math:`s - \hat B` and then adds :math:`\hat B` back: when
+  :math:`\hat B \gg s` (a second moment whose base is far above this
+  objective's :math:`g^2`) the result is rounding noise of the size of
+  :math:`\hat B`'s last bit. Here the base enters with weight
+  :math:`\beta(1-\beta^{t-1})/c`, exactly 0 at :math:`t = 1`, and :math:`s` is
+  never subtracted from it. Without bias correction :math:`c = 1` and the weight
+  is :math:`\beta`.
+  """
+  return (m.decay * d_old + (1 - m.decay) * s) * c.delta + b_hat * c.careful
+
+
+def base_ema(m: Moment, b: Array, s: Array) -> Array:
+  r""":math:`B \leftarrow \bar\beta B + (1 - \bar\beta)\, s`."""
+  return m.base_decay * b + (1 - m.base_decay) * s
+
+
+def leaf_step(
+  moments: Sequence[Moment],
+  direction: Direction,
+  g: Array,
+  b_hats: Sequence[Array | None],
+  d_olds: Sequence[Array],
+  scales: Sequence[Corrections],
+  *,
+  careful_rounding: bool = False,
+  d_stored: Sequence[Array | None] | None = None,
+) -> tuple[Array, list[Array]]:
+  """One leaf, one objective: the module docstring's equations in order.
+
+  Args:
+    moments, direction: the optimizer.
+    g: the gradient leaf, in the compute dtype.
+    b_hats: per moment, the bias-corrected base :math:`\\hat B_i` before this
+      step (``None`` without a base).
+    d_olds: per moment, the objective's delta :math:`D_{i,k}` before this step.
+    scales: per moment, this step's :class:`Corrections`.
+    careful_rounding: form :math:`M` with :func:`combine_carefully`.
+    d_stored: per moment, the new delta as it was stored, to use in :math:`M`
+      instead of recomputing it (``None`` entries: recompute); see
+      ``traced_update``.
+
+  Returns:
+    ``(update, new deltas)``; the new deltas are unrounded (to be encoded).
+  """
+  s = [m.statistic(g) for m in moments]
+  d_new = [delta_ema(m, d, si, b) for m, d, si, b in zip(moments, d_olds, s, b_hats)]
+  used = d_new if d_stored is None else [x if x is not None else y for x, y in zip(d_stored, d_new)]
+  current, previous = [], []
+  for m, si, d, dn, b, c in zip(moments, s, d_olds, used, b_hats, scales):
+    if careful_rounding and b is not None:
+      current.append(combine_carefully(m, d, si, b, c))
+    else:
+      current.append(combine(dn, b, c.delta))
+    previous.append(combine(d, b, c.previous))
+  return direction(current, previous, g), d_new
+
+
+# ------------------------------------------------------------------------------
+# The state's layout: one storage decision per leaf and moment, made once per call.
+
+
+def _compute_dtype(dtype: Any) -> Any:
+  # float64 only when the state itself is float64 (x64 mode); otherwise float32,
+  # also for bfloat16 storage, whose precision is far too low for the EMAs.
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+class _Leaf(NamedTuple):
+  """Per parameter leaf: its moments' shapes and codecs."""
+
+  dtype: Any  # compute dtype
+  specs: tuple[jax.ShapeDtypeStruct, ...]  # per moment: global shape, param dtype
+  base: tuple[MomentCodec, ...]
+  delta: tuple[MomentCodec, ...]
+  lossless: tuple[bool, ...]  # delta stored unrounded, in the compute dtype
+
+
+class _Plan(NamedTuple):
+  treedef: Any
+  leaves: list[_Leaf]
+
+  def split(self, trees: Sequence[Any]) -> list[list[Any]]:
+    """Per leaf, per moment: the stored values of ``trees`` (one tree per moment)."""
+    flat = [self.treedef.flatten_up_to(t) for t in trees]
+    return [[f[j] for f in flat] for j in range(len(self.leaves))]
+
+  def join(self, per_leaf: list[list[Any]], num_moments: int) -> tuple[Any, ...]:
+    """Inverse of :meth:`split`."""
+    return tuple(self.treedef.unflatten([x[i] for x in per_leaf]) for i in range(num_moments))
+
+  def decode(self, stored: Sequence[Any], which: str) -> list[list[Array]]:
+    """Per leaf, per moment: the stored ``"base"`` or ``"delta"`` trees, decoded."""
+    return [
+      [getattr(leaf, which)[i].decode(x).astype(leaf.dtype) for i, x in enumerate(xs)]
+      for leaf, xs in zip(self.leaves, self.split(stored))
+    ]
+
+
+def _make_plan(
+  moments: Sequence[Moment], storage: StoragePolicy, use_base: bool, tree: Any
+) -> _Plan:
+  """Codecs per leaf and moment, chosen from the stored moment's *global* shape.
+
+  A delta is a difference of statistics, so it can be negative, unless there is
+  no base and it is the plain EMA of ``s(g)``.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = []
+  for path, leaf in flat:
+    dtype = _compute_dtype(jnp.result_type(leaf))
+    param = jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
+    specs = tuple(
+      jax.ShapeDtypeStruct(jax.eval_shape(m.statistic, param).shape, param.dtype) for m in moments
+    )
+    base = tuple(
+      storage(path, sp, i, True, m.nonnegative) for i, (m, sp) in enumerate(zip(moments, specs))
+    )
+    delta = tuple(
+      storage(path, sp, i, False, m.nonnegative and not use_base)
+      for i, (m, sp) in enumerate(zip(moments, specs))
+    )
+    stored = [jax.eval_shape(c.init, sp) for c, sp in zip(delta, specs)]
+    lossless = tuple(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == dtype for x in stored)
+    leaves.append(_Leaf(dtype, specs, base, delta, lossless))
+  return _Plan(treedef, leaves)
+
+
+# ------------------------------------------------------------------------------
+# Trees: init, the static update (the reference) and the traced one.
+
+
+@dataclasses.dataclass(frozen=True)
+class _SharedBase:
+  """The mechanism's init and update for one validated configuration."""
+
+  moments: tuple[Moment, ...]
+  direction: Direction
+  num_objectives: int
+  storage: StoragePolicy
+  use_base: bool
+  careful_rounding: bool
+
+  def init(self, params: Any) -> SharedBaseState:
+    """Zero moments, each created on its parameter's sharding (see :func:`placed_spec`)."""
+    plan = _make_plan(self.moments, self.storage, self.use_base, params)
+    params_flat = plan.treedef.flatten_up_to(params)
+
+    def zeros(which: str) -> list[list[Any]]:
+      return [
+        [getattr(leaf, which)[i].init(placed_spec(p, sp.shape)) for i, sp in enumerate(leaf.specs)]
+        for leaf, p in zip(plan.leaves, params_flat)
+      ]
+
+    k, n = self.num_objectives, len(self.moments)
+    return SharedBaseState(
+      count=jnp.zeros([], jnp.int32),
+      counts=jnp.zeros([k], jnp.int32),
+      base=plan.join(zeros("base"), n) if self.use_base else (),
+      deltas=tuple(plan.join(zeros("delta"), n) for _ in range(k)),
+    )
+
+  def step(
+    self,
+    plan: _Plan,
+    grads: Any,
+    base: tuple,
+    d_olds: list,
+    n_prev: Array,
+    t_prev: Array,
+    d_stored: list | None = None,
+  ) -> tuple[Any, tuple[Any, ...]]:
+    """``(updates, the objective's new stored deltas)`` from decoded old deltas.
+
+    ``d_olds[j][i]`` is leaf ``j``'s delta of moment ``i`` before this step
+    (decoded); ``d_stored``: see :func:`leaf_step`.
+    """
+    b_hats = plan.decode(base, "base") if self.use_base else None
+    cache: dict[tuple[int, Any], Corrections] = {}
+    updates, new_deltas = [], []
+    for j, (leaf, g) in enumerate(zip(plan.leaves, plan.treedef.flatten_up_to(grads))):
+      scales = []
+      for i, m in enumerate(self.moments):
+        if (i, leaf.dtype) not in cache:
+          cache[i, leaf.dtype] = corrections(m, leaf.dtype, n_prev, t_prev)
+        scales.append(cache[i, leaf.dtype])
+      b = [x * c.base for x, c in zip(b_hats[j], scales)] if b_hats else [None] * len(scales)
+      u, d_new = leaf_step(
+        self.moments,
+        self.direction,
+        g.astype(leaf.dtype),
+        b,
+        d_olds[j],
+        scales,
+        careful_rounding=self.careful_rounding,
+        d_stored=None if d_stored is None else d_stored[j],
+      )
+      updates.append(u.astype(g.dtype))
+      new_deltas.append([c.encode(x) for c, x in zip(leaf.delta, d_new)])
+    return plan.treedef.unflatten(updates), plan.join(new_deltas, len(self.moments))
+
+  def base_step(self, plan: _Plan, grads: Any, base: tuple, keep: Array | None = None) -> tuple:
+    """The shared base after this step (independent of the objective).
+
+    ``keep``: a traced bool; where True the stored base is returned unchanged.
+    """
+    new_base = []
+    for leaf, g, stored in zip(plan.leaves, plan.treedef.flatten_up_to(grads), plan.split(base)):
+      gc = g.astype(leaf.dtype)
+      out = []
+      for m, codec, x in zip(self.moments, leaf.base, stored):
+        encoded = codec.encode(base_ema(m, codec.decode(x).astype(leaf.dtype), m.statistic(gc)))
+        if keep is not None:
+          encoded = jax.tree.map(lambda new, old: jnp.where(keep, old, new), encoded, x)
+        out.append(encoded)
+      new_base.append(out)
+    return plan.join(new_base, len(self.moments))
+
+  def static_update(self, k: int, grads: Any, state: SharedBaseState):
+    """The readable reference: objective ``k``'s deltas, then the base; one program per k."""
+    plan = _make_plan(self.moments, self.storage, self.use_base, grads)
+    d_olds = plan.decode(state.deltas[k], "delta")
+    updates, delta = self.step(plan, grads, state.base, d_olds, state.count, state.counts[k])
+    return updates, SharedBaseState(
+      count=_increment(state.count),
+      counts=state.counts.at[k].set(_increment(state.counts[k])),
+      base=self.base_step(plan, grads, state.base) if self.use_base else state.base,
+      deltas=tuple(delta if kk == k else d for kk, d in enumerate(state.deltas)),
+    )
+
+  def traced_update(self, objective: Array, grads: Any, state: SharedBaseState):
+    """One program for every objective, with no conditional around the updates.
+
+    The maths is :meth:`static_update`'s; what differs is how XLA:CPU is led to
+    run it in place (measured in ``benchmarks/README.md``):
+
+    1. Each objective's deltas take this step's EMA in their own ``lax.cond``
+       (:func:`~dualoptim_jax.objective.update_in_place`): only the active one
+       fires, and since nothing but its deltas leaves the conditional, XLA
+       updates them in place and materialises nothing else.
+    2. The direction runs outside the conditionals, unconditionally: it reads
+       the active objective's old deltas (and, where they are stored unrounded,
+       the new ones the conditionals wrote) through elementwise selects, so it
+       fuses with what follows (weight decay, learning rate,
+       ``optax.apply_updates``) and the updates are never written to memory.
+       An update that leaves a conditional (``lax.switch``, or a result threaded
+       through the conditionals) is a fresh buffer written, page-faulted and
+       read back in every call: 1.8-3.5x the static program, against 0.9-1.1x.
+       A rounded (8-bit) delta is recomputed instead: the direction must see
+       the unrounded EMA, as in the static update.
+    3. The base is overwritten in place, so its EMA must run after the
+       conditionals that read it; selecting on their ``ready`` output makes that
+       a data dependence (else XLA:CPU writes the EMA to a temporary and copies).
+
+    An objective outside [0, K) updates no state and gives NaN updates.
+    """
+    plan = _make_plan(self.moments, self.storage, self.use_base, grads)
+    valid = objective_lib.is_valid(objective, self.num_objectives)
+    k = jnp.clip(objective, 0, self.num_objectives - 1)
+    n_prev, t_prev = state.count, state.counts[k]
+
+    def active_deltas(kk: int, stored: tuple) -> tuple:
+      d_olds = plan.decode(stored, "delta")
+      return self.step(plan, grads, state.base, d_olds, n_prev, state.counts[kk])[1]
+
+    deltas, ready = objective_lib.update_in_place(objective, state.deltas, active_deltas)
+    d_olds = _select(objective, [plan.decode(d, "delta") for d in state.deltas])
+    d_new = _select(objective, [plan.decode(d, "delta") for d in deltas])
+    d_stored = [
+      [x if ok else None for x, ok in zip(xs, leaf.lossless)]
+      for xs, leaf in zip(d_new, plan.leaves)
+    ]
+    updates, _ = self.step(plan, grads, state.base, d_olds, n_prev, t_prev, d_stored)
+    updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan), updates)
+    base = state.base
+    if self.use_base:
+      base = self.base_step(plan, grads, state.base, keep=~valid | (ready != 1))
+    counts = state.counts.at[k].set(_increment(t_prev))
+    return updates, SharedBaseState(
+      count=jnp.where(valid, _increment(n_prev), n_prev),
+      counts=jnp.where(valid, counts, state.counts),
+      base=base,
+      deltas=deltas,
+    )
+
+  def update(self, updates, state, params=None, *, objective=None, **extra_args):
+    del params, extra_args
+    objective = objective_lib.check_objective(objective, self.num_objectives)
+    if objective_lib.is_static(objective):
+      return self.static_update(objective, updates, state)
+    return self.traced_update(jnp.asarray(objective), updates, state)
+
+
+def _select(objective: Array, per_objective: list[list[list[Array]]]) -> list[list[Array]]:
+  """Elementwise ``per_objective[objective]`` of nested per-leaf, per-moment lists."""
+  return [
+    [objective_lib.select(objective, [x[j][i] for x in per_objective]) for i in range(len(row))]
+    for j, row in enumerate(per_objective[0])
+  ]
 
 
 def shared_base_moments(
@@ -185,6 +489,7 @@ def shared_base_moments(
   num_objectives: int = 2,
   storage: StoragePolicy | None = None,
   use_base: bool = True,
+  careful_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Builds a DualOptim+ transform from moments and a direction.
 
@@ -193,11 +498,16 @@ def shared_base_moments(
     direction: ``direction(current, previous, g) -> update`` per leaf, where
       ``current[i]`` / ``previous[i]`` are the combined estimates
       :math:`M_i` after / before this step's delta EMA (see module doc).
-    num_objectives: K >= 1, the number of objectives.
-    storage: how each moment leaf is stored (default: the parameter's dtype).
+    num_objectives: K >= 1, the number of objectives. With K = 1 ``objective=``
+      is ignored (as ``optax`` transforms ignore it).
+    storage: how each moment leaf is stored (default: the parameter's dtype);
+      see :func:`~dualoptim_jax.state_storage`.
     use_base: ``False`` drops the shared base (:math:`\hat B = 0`): each
       objective then runs the plain optimizer on its own state (DualOptim), and
       with K = 1 this is the plain optimizer itself (used for 8-bit Adam).
+    careful_rounding: form every :math:`M_i` as
+      :func:`combine_carefully` does (the same maths, without rounding
+      :math:`s - \hat B`); default ``False``, the released rounding.
 
   Returns:
     A transform whose ``update(updates, state, params=None, *, objective)``
@@ -210,230 +520,14 @@ def shared_base_moments(
   for i, m in enumerate(moments):
     check_decay(f"moments[{i}].decay", m.decay)
     check_decay(f"moments[{i}].base_decay", m.base_decay)
-  num_objectives = objective_lib.validate_num_objectives(num_objectives)
-  storage = storage or float_storage()
-
-  def codecs_for(tree):
-    """Per leaf: (codec of the base, codec of the deltas) for every moment.
-
-    Chosen from the stored moment's global shape (a factored moment is smaller
-    than its parameter). A delta is a difference of statistics, so it can be
-    negative, unless there is no base and it is the plain EMA of ``s(g)``.
-    """
-    leaves, _ = jax.tree.flatten(tree)
-    paths = _leaf_paths(tree)
-    out = []
-    for path, leaf in zip(paths, leaves):
-      per_moment = []
-      for i, m in enumerate(moments):
-        spec = jax.eval_shape(m.statistic, _spec(leaf))
-        spec = jax.ShapeDtypeStruct(spec.shape, jnp.result_type(leaf))
-        per_moment.append(
-          (
-            storage(path, spec, i, True, m.nonnegative),
-            storage(path, spec, i, False, m.nonnegative and not use_base),
-          )
-        )
-      out.append(per_moment)
-    return out
-
-  def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    codecs = codecs_for(params)
-
-    def moment_tree(i, which):
-      out = []
-      for leaf, leaf_codecs in zip(leaves, codecs):
-        spec = jax.eval_shape(moments[i].statistic, _spec(leaf))
-        out.append(leaf_codecs[i][which].init(spec))
-      return treedef.unflatten(out)
-
-    base = tuple(moment_tree(i, 0) for i in range(len(moments))) if use_base else ()
-    deltas = tuple(
-      tuple(moment_tree(i, 1) for i in range(len(moments))) for _ in range(num_objectives)
-    )
-    return SharedBaseState(
-      count=jnp.zeros([], jnp.int32),
-      counts=jnp.zeros([num_objectives], jnp.int32),
-      base=base,
-      deltas=deltas,
-    )
-
-  def scales(m: Moment, dtype, n_prev, t_prev) -> tuple[Array, Array, Array]:
-    """Reciprocal bias corrections (base, delta, previous delta)."""
-    if not m.bias_correction:
-      one = jnp.ones([], dtype)
-      return one, one, one
-    return (
-      _reciprocal_correction(m.base_decay, n_prev, dtype),
-      _reciprocal_correction(m.decay, numerics.safe_increment(t_prev), dtype),
-      _reciprocal_correction(m.decay, t_prev, dtype),
-    )
-
-  def objective_step(updates, base, n_prev, t_prev, old, new=None):
-    """The updates and one objective's new stored deltas.
-
-    Args:
-      updates: the gradients.
-      base: the stored base (``()`` without one).
-      n_prev, t_prev: global and objective steps before this one.
-      old: ``old(i, j, dtype)``, the objective's delta of moment ``i`` for leaf
-        ``j`` before this step, decoded.
-      new: ``new(i, j, dtype, d_new)``, the delta after this step as the
-        direction uses it (default: ``d_new``, this step's unrounded EMA).
-    """
-    leaves, treedef = jax.tree.flatten(updates)
-    codecs = codecs_for(updates)
-    base_leaves = [treedef.flatten_up_to(b) for b in base]
-    scale_cache = {}
-    new_updates, new_delta = [], [[] for _ in moments]
-    for j, g in enumerate(leaves):
-      dtype = _compute_dtype(g.dtype)
-      gc = g.astype(dtype)
-      current, previous = [], []
-      for i, m in enumerate(moments):
-        base_codec, delta_codec = codecs[j][i]
-        key = (i, jnp.dtype(dtype))
-        if key not in scale_cache:
-          scale_cache[key] = scales(m, dtype, n_prev, t_prev)
-        base_scale, delta_scale, prev_scale = scale_cache[key]
-        d = old(i, j, dtype)
-        s = m.statistic(gc)
-        if use_base:
-          b_hat = base_codec.decode(base_leaves[i][j]).astype(dtype) * base_scale
-          d_new = m.decay * d + (1 - m.decay) * (s - b_hat)
-          d_used = d_new if new is None else new(i, j, dtype, d_new)
-          current.append(d_used * delta_scale + b_hat)
-          previous.append(d * prev_scale + b_hat)
-        else:
-          d_new = m.decay * d + (1 - m.decay) * s
-          d_used = d_new if new is None else new(i, j, dtype, d_new)
-          current.append(d_used * delta_scale)
-          previous.append(d * prev_scale)
-        new_delta[i].append(delta_codec.encode(d_new))
-      new_updates.append(direction(current, previous, gc).astype(g.dtype))
-    return (
-      treedef.unflatten(new_updates),
-      tuple(treedef.unflatten(x) for x in new_delta),
-    )
-
-  def base_step(updates, base, keep=None):
-    """The shared base after this step (independent of the objective).
-
-    ``keep``: a traced bool; where True the stored base is returned unchanged.
-    """
-    leaves, treedef = jax.tree.flatten(updates)
-    codecs = codecs_for(updates)
-    new_base = []
-    for i, m in enumerate(moments):
-      out = []
-      for j, (g, stored) in enumerate(zip(leaves, treedef.flatten_up_to(base[i]))):
-        dtype = _compute_dtype(g.dtype)
-        codec = codecs[j][i][0]
-        b = codec.decode(stored).astype(dtype)
-        b_new = m.base_decay * b + (1 - m.base_decay) * m.statistic(g.astype(dtype))
-        encoded = codec.encode(b_new)
-        if keep is not None:
-          encoded = jax.tree.map(lambda x, y: jnp.where(keep, y, x), encoded, stored)
-        out.append(encoded)
-      new_base.append(treedef.unflatten(out))
-    return tuple(new_base)
-
-  def decoder(updates, stored_deltas):
-    """``(i, j, dtype) -> decoded stored delta`` of moment i, leaf j, one objective."""
-    leaves, treedef = jax.tree.flatten(updates)
-    codecs = codecs_for(updates)
-    flat = [treedef.flatten_up_to(d) for d in stored_deltas]
-    return lambda i, j, dtype: codecs[j][i][1].decode(flat[i][j]).astype(dtype)
-
-  def lossless(updates):
-    """``(i, j) -> whether`` moment i's deltas of leaf j are stored unrounded."""
-    leaves, _ = jax.tree.flatten(updates)
-    codecs = codecs_for(updates)
-
-    def check(i, j):
-      spec = jax.eval_shape(moments[i].statistic, _spec(leaves[j]))
-      stored = jax.eval_shape(codecs[j][i][1].init, spec)
-      return isinstance(stored, jax.ShapeDtypeStruct) and stored.dtype == _compute_dtype(
-        leaves[j].dtype
-      )
-
-    return check
-
-  def static_update(k: int, updates, state):
-    new_updates, delta = objective_step(
-      updates, state.base, state.count, state.counts[k], decoder(updates, state.deltas[k])
-    )
-    base = base_step(updates, state.base) if use_base else state.base
-    return new_updates, SharedBaseState(
-      count=numerics.safe_increment(state.count),
-      counts=state.counts.at[k].set(numerics.safe_increment(state.counts[k])),
-      base=base,
-      deltas=tuple(delta if kk == k else d for kk, d in enumerate(state.deltas)),
-    )
-
-  def traced_update(objective, updates, state):
-    """One program for every objective, with no conditional around the updates.
-
-    Each objective's deltas take this step's EMA in their own ``lax.cond``
-    (:func:`~dualoptim_jax.objective.update_in_place`; only the active one
-    fires, in place). The direction and the base EMAs run unconditionally: the
-    direction reads the active objective's deltas through elementwise selects,
-    so it fuses with what follows (weight decay, learning rate,
-    ``optax.apply_updates``) and the updates are never written to memory. On
-    XLA:CPU an update that leaves a conditional (``lax.switch``, or a result
-    threaded through the per-objective conditionals) is a fresh buffer written,
-    page-faulted and read back in every call: 1.8-3.5x the static program,
-    against 0.9-1.1x this way (``benchmarks/README.md``). An objective outside
-    [0, K) updates no state and gives NaN updates.
-    """
-    valid = objective_lib.is_valid(objective, num_objectives)
-    k = jnp.clip(objective, 0, num_objectives - 1)
-    n_prev, t_prev = state.count, state.counts[k]
-    deltas, ready = objective_lib.update_in_place(
-      objective,
-      state.deltas,
-      lambda kk, delta: objective_step(
-        updates, state.base, n_prev, state.counts[kk], decoder(updates, delta)
-      )[1],
-    )
-    olds = [decoder(updates, d) for d in state.deltas]
-    news = [decoder(updates, d) for d in deltas]
-    is_lossless = lossless(updates)
-
-    def new(i, j, dtype, d_new):
-      if not is_lossless(i, j):  # rounded when stored: use this step's EMA as is
-        return d_new
-      return objective_lib.select(objective, [f(i, j, dtype) for f in news])
-
-    new_updates, _ = objective_step(
-      updates,
-      state.base,
-      n_prev,
-      t_prev,
-      lambda i, j, dtype: objective_lib.select(objective, [f(i, j, dtype) for f in olds]),
-      new,
-    )
-    new_updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan), new_updates)
-    base = state.base
-    if use_base:
-      # The base is overwritten in place, so its EMA must run after the
-      # conditionals that read it; selecting on their ``ready`` makes that a
-      # data dependence (else XLA:CPU writes the EMA to a temporary and copies).
-      base = base_step(updates, state.base, keep=~valid | (ready != 1))
-    counts = state.counts.at[k].set(numerics.safe_increment(t_prev))
-    return new_updates, SharedBaseState(
-      count=jnp.where(valid, numerics.safe_increment(n_prev), n_prev),
-      counts=jnp.where(valid, counts, state.counts),
-      base=base,
-      deltas=deltas,
-    )
-
-  def update_fn(updates, state, params=None, *, objective=None, **extra_args):
-    del params, extra_args
-    objective = objective_lib.check_objective(objective, num_objectives)
-    if objective_lib.is_static(objective):
-      return static_update(objective, updates, state)
-    return traced_update(objective, updates, state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  if not isinstance(careful_rounding, bool):
+    raise ValueError(f"careful_rounding must be a bool, got {careful_rounding!r}.")
+  mechanism = _SharedBase(
+    moments=moments,
+    direction=direction,
+    num_objectives=objective_lib.validate_num_objectives(num_objectives),
+    storage=storage or float_storage(),
+    use_base=bool(use_base),
+    careful_rounding=careful_rounding,
+  )
+  return optax.GradientTransformationExtraArgs(mechanism.init, mechanism.update)

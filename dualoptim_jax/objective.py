@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dualoptim_jax.hyperparams import is_traced
 
 S = TypeVar("S")
 R = TypeVar("R")
@@ -35,7 +37,7 @@ Objective = int | jax.Array
 
 def validate_num_objectives(num_objectives: Any) -> int:
   """Checks ``num_objectives`` is a positive Python int and returns it."""
-  if isinstance(num_objectives, jax.core.Tracer):
+  if is_traced(num_objectives):
     raise ValueError(
       "num_objectives decides the optimizer state's layout and must be "
       "static; with optax.inject_hyperparams pass "
@@ -53,7 +55,7 @@ def validate_num_objectives(num_objectives: Any) -> int:
   return int(num_objectives)
 
 
-def is_static(objective: Any) -> bool:
+def is_static(objective: Any) -> TypeGuard[int]:
   """True when ``objective`` is a Python/NumPy integer known at trace time."""
   return isinstance(objective, numbers.Integral) and not isinstance(objective, bool)
 
@@ -61,11 +63,15 @@ def is_static(objective: Any) -> bool:
 def check_objective(objective: Any, num_objectives: int) -> Objective:
   """Validates ``objective`` and returns it as an int or an int32 scalar array.
 
+  With one objective (``adamw_8bit``, any K = 1 instance) the argument is
+  ignored, whatever it is, as ``optax`` transforms ignore it: a single-state
+  optimizer can sit in a multi-objective loop unchanged.
+
   Raises:
     ValueError: if the objective is missing, not an integer scalar, or (when
       its value is known, eagerly or statically) outside ``[0, num_objectives)``.
   """
-  if objective is None and num_objectives == 1:
+  if num_objectives == 1:
     return 0
   if objective is None:
     raise ValueError(
@@ -89,7 +95,7 @@ def check_objective(objective: Any, num_objectives: int) -> Objective:
       f"{type(objective).__name__} with shape {arr.shape} and dtype "
       f"{arr.dtype}."
     )
-  if not isinstance(arr, jax.core.Tracer):
+  if not is_traced(arr):
     value = int(np.asarray(arr))
     if not 0 <= value < num_objectives:
       raise ValueError(

@@ -26,7 +26,7 @@ shape ``(*lead, ceil(n / block_size))`` (float32).  Consequences:
 * sharding along the *last* axis is also shard-local when the shard length is a
   multiple of ``block_size`` (then no block straddles two devices);
 * whether a tensor is quantized at all is decided from its *global* shape
-  (:func:`choose_8bit`; under ``jax.jit`` shapes are global), never from a local
+  (:func:`dualoptim_jax.storage.choose_8bit`; under ``jax.jit`` shapes are global), never from a local
   shard, so every shard of a tensor agrees.  (bitsandbytes flattens the tensor
   and decides per local shard, which breaks both properties under FSDP.)
 
@@ -78,7 +78,6 @@ per byte of memory traffic, should pay relatively less (not measured here).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -88,11 +87,11 @@ import numpy as np
 
 __all__ = [
   "QuantizedArray",
-  "MomentSpec",
   "dynamic_map",
   "quantize_blockwise",
   "dequantize_blockwise",
-  "choose_8bit",
+  "absmax_shape",
+  "zero_code",
   "state_nbytes",
 ]
 
@@ -360,6 +359,18 @@ def _from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return rows.reshape(shape)
 
 
+def absmax_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+  """Shape of the block scales of an array of ``shape``: ``(*shape[:-1], n_blocks)``."""
+  _check_block_size(block_size)
+  n = shape[-1] if shape else 1
+  return (*shape[:-1], _num_blocks(n, block_size))
+
+
+def zero_code(signed: bool) -> int:
+  """The code of the value 0 in the signed or unsigned map."""
+  return _ZERO_CODE[bool(signed)]
+
+
 def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> QuantizedArray:
   r"""Quantizes ``x`` to 8 bits with per-block absmax scaling.
 
@@ -456,103 +467,6 @@ def dequantize_blockwise(
     )
   blocks = _decode(codes, bool(signed)) * q.absmax[..., None].astype(jnp.float32)
   return _from_blocks(blocks, shape).astype(dtype)
-
-
-# --------------------------------------------------------------------------
-# Moment storage: what the optimizer core keeps per leaf.
-# --------------------------------------------------------------------------
-
-
-def choose_8bit(shape: tuple[int, ...], *, min_8bit_size: int = 4096) -> bool:
-  """Whether a tensor of this **global** shape is kept in 8 bits.
-
-  Tensors with fewer than ``min_8bit_size`` elements (biases, norms, scalars)
-  stay in floating point: their states are cheap and the per-block overhead
-  and error would buy nothing.  Pass the parameter's global shape (under
-  ``jax.jit`` that is ``param.shape``; never a shard's shape inside
-  ``shard_map``), so every shard of a tensor makes the same choice.
-  """
-  if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-    raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
-  return math.prod(shape) >= min_8bit_size
-
-
-@dataclasses.dataclass(frozen=True)
-class MomentSpec:
-  """Static description of how one moment leaf is stored, with its codec.
-
-  ``init`` / ``encode`` / ``decode`` have the shape of the optimizer core's
-  ``MomentCodec`` fields, so ``MomentCodec(spec.init, spec.encode,
-  spec.decode)`` wires a spec in.  A spec is hashable and is a pytree *leaf*,
-  so a tree of specs built with ``jax.tree.map(..., params)`` has the
-  parameters' structure and can lead a ``jax.tree.map`` over stored moments
-  (whose quantized leaves are :class:`QuantizedArray` nodes).
-
-  Attributes:
-    quantized: keep the moment as a :class:`QuantizedArray`; otherwise as a
-      plain array.
-    signed: map of a quantized moment: True for moments that can be negative
-      (first moments, delta second moments), False for non-negative ones
-      (base second moments).
-    block_size: block size of a quantized moment.
-    dtype: storage dtype of an unquantized moment (optax's ``mu_dtype``);
-      None keeps the dtype it is given (``init``: the parameter's).
-  """
-
-  quantized: bool = False
-  signed: bool = True
-  block_size: int = 256
-  dtype: Any = None
-
-  def __post_init__(self):
-    _check_block_size(self.block_size)
-
-  @classmethod
-  def for_shape(
-    cls,
-    shape: tuple[int, ...],
-    *,
-    signed: bool,
-    state_bits: int = 32,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    dtype: Any = None,
-  ) -> MomentSpec:
-    """The spec of a moment of a parameter with this **global** ``shape``.
-
-    Quantized iff ``state_bits == 8`` and :func:`choose_8bit` accepts the
-    shape; a caller with a ``keep_fp32`` rule passes ``state_bits=32`` for the
-    leaves it keeps.
-    """
-    if state_bits not in (8, 32):
-      raise ValueError(f"state_bits must be 8 or 32, got {state_bits!r}")
-    quantized = state_bits == 8 and choose_8bit(shape, min_8bit_size=min_8bit_size)
-    return cls(quantized=quantized, signed=bool(signed), block_size=block_size, dtype=dtype)
-
-  def init(self, like: Any) -> jax.Array | QuantizedArray:
-    """The zero moment for a parameter ``like`` (array or ShapeDtypeStruct)."""
-    shape = tuple(like.shape)
-    if self.quantized:
-      n = shape[-1] if shape else 1
-      return QuantizedArray(
-        codes=jnp.full(shape, _ZERO_CODE[self.signed], jnp.uint8),
-        absmax=jnp.zeros((*shape[:-1], _num_blocks(n, self.block_size)), jnp.float32),
-      )
-    return jnp.zeros(shape, like.dtype if self.dtype is None else self.dtype)
-
-  def encode(self, x: jax.Array) -> jax.Array | QuantizedArray:
-    """Stores a float moment."""
-    if self.quantized:
-      return quantize_blockwise(x, signed=self.signed, block_size=self.block_size)
-    return x if self.dtype is None else jnp.asarray(x).astype(self.dtype)
-
-  def decode(self, stored: jax.Array | QuantizedArray) -> jax.Array:
-    """The moment as an array: float32 if quantized, else as stored."""
-    if self.quantized:
-      if not isinstance(stored, QuantizedArray):
-        raise TypeError(f"spec is quantized but got a {type(stored).__name__}")
-      return dequantize_blockwise(stored, signed=self.signed, block_size=self.block_size)
-    return stored
 
 
 def state_nbytes(tree: Any) -> int:

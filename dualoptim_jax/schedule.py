@@ -33,12 +33,13 @@ def alternating(
     [0, 1, 1, 1, 1, 1, 0]
   """
   for name, value in (("forget_steps", forget_steps), ("retain_steps", retain_steps)):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
       raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
   period = forget_steps + retain_steps
 
   def schedule(step):
     if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+      step = int(step)
       if step < 0:
         raise ValueError(f"step must be >= 0, got {step}.")
       return 0 if step % period < forget_steps else 1

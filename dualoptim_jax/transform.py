@@ -11,32 +11,19 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import numerics
 
 from dualoptim_jax import objective as objective_lib
 from dualoptim_jax.decoupled import decoupled
-from dualoptim_jax.moments import Moment, StoragePolicy, check_decay, is_traced, shared_base_moments
-from dualoptim_jax.storage import state_storage
-
-
-def check_eps(eps: Any) -> float:
-  """Raises unless ``eps >= 0``."""
-  if is_traced(eps):
-    return eps
-  try:
-    ok = float(eps) >= 0.0
-  except (TypeError, ValueError):
-    ok = False
-  if not ok:
-    raise ValueError(f"eps must be >= 0, got {eps!r}.")
-  return eps
+from dualoptim_jax.hyperparams import check_decay, check_eps, is_traced, static_value
+from dualoptim_jax.moments import Direction, Moment, shared_base_moments
+from dualoptim_jax.storage import StoragePolicy, resolve_storage, state_storage
 
 
 def adam_moments(b1: float, b2: float, base_b1: float, base_b2: float) -> tuple[Moment, Moment]:
@@ -47,7 +34,7 @@ def adam_moments(b1: float, b2: float, base_b1: float, base_b2: float) -> tuple[
   )
 
 
-def adam_direction(eps: float, eps_root: float = 0.0):
+def adam_direction(eps: float, eps_root: float = 0.0) -> Direction:
   """``m / (sqrt(|v| + eps_root) + eps)``; ``|.|`` as a delta estimate can go negative."""
 
   def direction(current, previous, g):
@@ -61,27 +48,6 @@ def adam_direction(eps: float, eps_root: float = 0.0):
   return direction
 
 
-def adam_storage(
-  mu_dtype: Any,
-  state_bits: int,
-  block_size: int,
-  min_8bit_size: int,
-  keep_fp32: Any,
-  quantize_base: bool = True,
-  quantize_delta: bool = True,
-) -> StoragePolicy:
-  """The storage policy the Adam-form transforms build from their options."""
-  return state_storage(
-    state_bits=state_bits,
-    block_size=block_size,
-    min_8bit_size=min_8bit_size,
-    quantize_base=quantize_base,
-    quantize_delta=quantize_delta,
-    keep_fp32=keep_fp32,
-    dtype=mu_dtype,
-  )
-
-
 def scale_by_dualoptim_plus(
   b1: float = 0.9,
   b2: float = 0.95,
@@ -90,14 +56,9 @@ def scale_by_dualoptim_plus(
   eps: float = 1e-8,
   *,
   num_objectives: int = 2,
-  mu_dtype: Any = None,
-  state_bits: int = 32,
-  block_size: int = 256,
-  min_8bit_size: int = 4096,
-  quantize_base: bool = True,
-  quantize_delta: bool = True,
-  keep_fp32: Callable[[str], bool] | None = None,
   storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
+  careful_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim+ (shared base + decoupled deltas, Adam form).
 
@@ -128,19 +89,17 @@ def scale_by_dualoptim_plus(
     base_b2: decay of the shared second-moment base, in [0, 1).
     eps: added to the denominator, >= 0.
     num_objectives: K >= 1 objectives, each with its own deltas.
-    mu_dtype: dtype of every float moment (default: the parameters' dtype),
-      e.g. ``jnp.float32`` for bfloat16 parameters. Maths runs in float32 (or
-      float64 for float64 states).
-    state_bits: 32, or 8 for block-wise 8-bit moments (see
-      :func:`~dualoptim_jax.state_storage`).
-    block_size: elements per 8-bit block.
-    min_8bit_size: moments of fewer elements stay float.
-    quantize_base: with ``state_bits=8``, quantize the shared base.
-    quantize_delta: with ``state_bits=8``, quantize the deltas.
-    keep_fp32: predicate on the parameter's path string keeping its moments
-      float (e.g. ``lambda path: "embed" in path``).
-    storage: advanced: a :data:`~dualoptim_jax.moments.StoragePolicy`
-      (overrides the storage options above).
+    storage: where the moments live, a :data:`~dualoptim_jax.StoragePolicy`
+      from :func:`~dualoptim_jax.state_storage` (8 bits, float dtype, which
+      leaves stay float, ...); default: float, the parameters' dtype. Maths
+      runs in float32 (or float64 for float64 states).
+    state_bits: sugar: 8 is ``storage=dj.state_storage(state_bits=8)``.
+    careful_rounding: form the combined moments as
+      :math:`(\beta v_\Delta + (1-\beta) g^2)/c + \hat v_B\,\beta(1-\beta^{t_k-1})/c`
+      (:math:`c = 1-\beta^{t_k}`; likewise the first moment): the same update in
+      exact arithmetic, without rounding :math:`g^2 - \hat v_B`, which in float32
+      is noise when :math:`\hat v_B \gg g^2`. Default ``False``: the released
+      rounding. See :func:`~dualoptim_jax.moments.combine_carefully`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
@@ -159,25 +118,8 @@ def scale_by_dualoptim_plus(
     adam_moments(b1, b2, base_b1, base_b2),
     adam_direction(eps),
     num_objectives=num_objectives,
-    storage=storage
-    or adam_storage(
-      mu_dtype,
-      state_bits,
-      block_size,
-      min_8bit_size,
-      keep_fp32,
-      quantize_base,
-      quantize_delta,
-    ),
-  )
-
-
-def _cast_params(tx: optax.GradientTransformation, dtype: Any):
-  """Initialises ``tx`` on params cast to ``dtype`` (so every moment has it)."""
-  if dtype is None:
-    return tx
-  return optax.GradientTransformation(
-    lambda params: tx.init(optax.tree.cast(params, dtype)), tx.update
+    storage=resolve_storage(storage, state_bits),
+    careful_rounding=careful_rounding,
   )
 
 
@@ -187,11 +129,8 @@ def scale_by_dualoptim(
   eps: float = 1e-8,
   *,
   num_objectives: int = 2,
-  mu_dtype: Any = None,
-  state_bits: int = 32,
-  block_size: int = 256,
-  min_8bit_size: int = 4096,
-  keep_fp32: Callable[[str], bool] | None = None,
+  storage: StoragePolicy | None = None,
+  state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates with DualOptim: a separate Adam state per objective.
 
@@ -203,44 +142,39 @@ def scale_by_dualoptim(
     v_k \leftarrow \beta_2 v_k + (1-\beta_2) g^2 \\
     u &= \frac{m_k / (1-\beta_1^{t_k})}{\sqrt{v_k / (1-\beta_2^{t_k})} + \epsilon}
 
-  With float states this is exactly :func:`~dualoptim_jax.decoupled` around
-  ``optax.scale_by_adam``. With ``state_bits=8`` it is the shared-base
-  mechanism without a base (``use_base=False``), whose per-objective moments are
-  the Adam moments, stored in 8 bits.
+  With the default storage this is exactly :func:`~dualoptim_jax.decoupled`
+  around ``optax.scale_by_adam``. With a ``storage`` policy (e.g. 8 bits) it is
+  the shared-base mechanism without a base (``use_base=False``), whose
+  per-objective moments are the Adam moments, stored as the policy says.
 
   Args:
     b1: first-moment decay, in [0, 1).
     b2: second-moment decay, in [0, 1).
     eps: added to the denominator, >= 0.
     num_objectives: K >= 1.
-    mu_dtype: dtype of both stored moments (default: the parameters' dtype).
-    state_bits: 32, or 8 for block-wise 8-bit moments.
-    block_size: elements per 8-bit block.
-    min_8bit_size: moments of fewer elements stay float.
-    keep_fp32: predicate on the parameter's path string keeping its moments
-      float.
+    storage: a :data:`~dualoptim_jax.StoragePolicy` (default: optax's float
+      states).
+    state_bits: sugar: 8 is ``storage=dj.state_storage(state_bits=8)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is a
     :class:`~dualoptim_jax.decoupled.DecoupledState` holding K
-    ``optax.ScaleByAdamState`` (float) or a
-    :class:`~dualoptim_jax.moments.SharedBaseState` with ``base=()`` and
-    ``deltas[k] = (m_k, v_k)`` (8-bit).
+    ``optax.ScaleByAdamState`` (default) or a
+    :class:`~dualoptim_jax.SharedBaseState` with ``base=()`` and
+    ``deltas[k] = (m_k, v_k)`` (with ``storage`` or ``state_bits=8``).
   """
   check_decay("b1", b1)
   check_decay("b2", b2)
   check_eps(eps)
-  storage = adam_storage(mu_dtype, state_bits, block_size, min_8bit_size, keep_fp32)
-  if state_bits == 8:
-    return shared_base_moments(
-      adam_moments(b1, b2, b1, b2),
-      adam_direction(eps),
-      num_objectives=num_objectives,
-      storage=storage,
-      use_base=False,
-    )
-  inner = _cast_params(optax.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype), mu_dtype)
-  return decoupled(inner, num_objectives=num_objectives)
+  if storage is None and static_value("state_bits", state_bits) in (None, 32):
+    return decoupled(optax.scale_by_adam(b1, b2, eps), num_objectives=num_objectives)
+  return shared_base_moments(
+    adam_moments(b1, b2, b1, b2),
+    adam_direction(eps),
+    num_objectives=num_objectives,
+    storage=resolve_storage(storage, state_bits),
+    use_base=False,
+  )
 
 
 def scale_by_adam_8bit(
@@ -250,15 +184,20 @@ def scale_by_adam_8bit(
   eps_root: float = 0.0,
   mu_dtype: Any = None,
   *,
-  block_size: int = 256,
-  min_8bit_size: int = 4096,
-  keep_fp32: Callable[[str], bool] | None = None,
+  storage: StoragePolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.scale_by_adam`` with block-wise 8-bit moments (bitsandbytes-style).
 
-  The single-objective, base-free instance of the shared-base mechanism; its
-  ``update`` needs no ``objective``. Moments with fewer than ``min_8bit_size``
-  elements (or kept by ``keep_fp32``) stay in ``mu_dtype``.
+  The single-objective, base-free instance of the shared-base mechanism. Like
+  ``optax.scale_by_adam`` its ``update`` ignores ``objective=`` (a
+  multi-objective loop may pass one, static or traced).
+
+  Args:
+    b1, b2, eps, eps_root: as ``optax.scale_by_adam``.
+    mu_dtype: dtype of the moments kept float (default: the parameters').
+    storage: a :data:`~dualoptim_jax.StoragePolicy` replacing the default
+      ``dj.state_storage(state_bits=8, dtype=mu_dtype)`` (e.g. another block
+      size, or ``keep_fp32``).
   """
   check_decay("b1", b1)
   check_decay("b2", b2)
@@ -269,7 +208,9 @@ def scale_by_adam_8bit(
     adam_direction(eps, eps_root),
     num_objectives=1,
     use_base=False,
-    storage=adam_storage(mu_dtype, 8, block_size, min_8bit_size, keep_fp32),
+    storage=resolve_storage(storage, dtype=mu_dtype)
+    if storage
+    else state_storage(state_bits=8, dtype=mu_dtype),
   )
 
 
@@ -337,8 +278,8 @@ def scale_by_objective_learning_rate(
   def update_fn(updates, state, params=None, *, objective=None, **extra_args):
     del params, extra_args
     objective = objective_lib.check_objective(objective, num_objectives)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    count = numerics.safe_increment(state.count)
+    lr = jnp.asarray(learning_rate(state.count) if callable(learning_rate) else learning_rate)
+    count = jnp.asarray(optax.safe_increment(state.count))
     if objective_lib.is_static(objective):
       step_size = -lr * scales[objective]
     else:

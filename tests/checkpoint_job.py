@@ -18,11 +18,11 @@ from flax import nnx
 from multidevice import toy_unlearning_arrays
 
 import dualoptim_jax as dj
-from dualoptim_jax import sharding as S
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.unlearn import checkpoint as C
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
+from dualoptim_jax.unlearn import placement as PL
 from dualoptim_jax.unlearn import trainer as T
 
 V, LEN, BATCH = 64, 16, 8
@@ -32,7 +32,7 @@ OPTIMIZERS = {
   "dualoptim": lambda: dj.dualoptim(1e-3, weight_decay=0.01),
   # 8-bit codes for every moment of the tiny model (block 4: whole blocks per fsdp=8 shard).
   "dualoptim_plus_8bit": lambda: dj.dualoptim_plus(
-    1e-3, weight_decay=0.01, state_bits=8, block_size=4, min_8bit_size=0
+    1e-3, weight_decay=0.01, storage=dj.state_storage(state_bits=8, block_size=4, min_8bit_size=0)
   ),
 }
 
@@ -73,7 +73,7 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
   config = LlamaConfig(vocab_size=V, dim=a.dim, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64)
-  mesh = None if a.mesh == "none" else S.make_mesh(a.mesh)
+  mesh = None if a.mesh == "none" else PL.make_mesh(a.mesh)
   objective = L.make_objective(a.loss)
   runner = T.Unlearner(
     Llama(config, rngs=nnx.Rngs(0)),

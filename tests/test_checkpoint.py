@@ -72,7 +72,7 @@ def _restore_error(path, runner, fp) -> str:
 def test_round_trip_is_exact_for_quantized_states_counters_and_empty_nodes(tmp_path):
   params = {"w": jax.random.normal(jax.random.key(0), (4, 8)), "b": jnp.ones(3)}
   tx = optax.chain(
-    dj.dualoptim_plus(1e-2, state_bits=8, block_size=4, min_8bit_size=0),
+    dj.dualoptim_plus(1e-2, storage=dj.state_storage(state_bits=8, block_size=4, min_8bit_size=0)),
     optax.add_decayed_weights(0.0),
   )  # an optax EmptyState / empty-tuple node too
   state = tx.init(params)

@@ -114,3 +114,56 @@ def test_traced_objective_out_of_range_caught_by_checkify():
   err, _ = checked(jnp.int32(5))
   with pytest.raises(checkify.JaxRuntimeError, match="nan"):
     err.throw()
+
+
+# --------------------------------------------------------------------------- single-state optimizers
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: dj.adamw_8bit(1e-2),
+    lambda: dj.dualoptim_plus(1e-2, num_objectives=1),
+    lambda: dj.dualoptim_plus_lion(1e-3, num_objectives=1, state_bits=8),
+    lambda: dj.dualoptim(1e-2, num_objectives=1),
+  ],
+  ids=["adamw_8bit", "dualoptim_plus_k1", "lion_8bit_k1", "dualoptim_k1"],
+)
+def test_single_state_optimizers_ignore_objective(make):
+  """As ``optax.adamw`` does: a traced ``objective=1`` (from a multi-objective loop) changes
+  nothing, state included."""
+  tx = make()
+  params = {"w": jnp.linspace(-1.0, 1.0, 64 * 64).reshape(64, 64)}
+  grads = {"w": jnp.cos(params["w"] * 3.0)}
+  state = tx.init(params)
+  plain = jax.jit(lambda g, s: tx.update(g, s, params))
+  with_k = jax.jit(lambda g, s, k: tx.update(g, s, params, objective=k))
+  for _ in range(2):
+    u0, s0 = plain(grads, state)
+    u1, s1 = with_k(grads, state, jnp.int32(1))
+    assert bool(jnp.all(jnp.isfinite(u1["w"])))
+    np.testing.assert_array_equal(u0["w"], u1["w"])
+    jax.tree.map(np.testing.assert_array_equal, s0, s1)
+    state = s0
+
+
+def test_traced_hyperparameters_are_unchecked_and_show_as_nan():
+  """Documented in dualoptim_jax.hyperparams: a concrete b1 = 1 raises at construction, a
+  traced one (optax.inject_hyperparams under jit) runs unchecked, and its division by
+  1 - b1**t = 0 gives non-finite updates that checkify's float checks report."""
+  with pytest.raises(ValueError, match=r"b1 must be in \[0, 1\)"):
+    dj.dualoptim_plus(1e-2, b1=1.0)
+  make = optax.inject_hyperparams(
+    dj.dualoptim_plus, static_args=dj.static_hyperparams(dj.dualoptim_plus)
+  )
+  tx = make(learning_rate=1e-2)
+  params = {"w": jnp.ones(4)}
+  state = tx.init(params)
+  state.hyperparams["b1"] = jnp.asarray(1.0)
+  update = lambda g, s: tx.update(g, s, params, objective=0)[0]
+  u = jax.jit(update)({"w": jnp.ones(4)}, state)
+  assert not bool(jnp.all(jnp.isfinite(u["w"])))
+  err, _ = checkify.checkify(jax.jit(update), errors=checkify.float_checks)(
+    {"w": jnp.ones(4)}, state
+  )
+  assert err.get() is not None

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dualoptim_jax import quantize as qz
+from dualoptim_jax import storage as st
 
 # Jitted once per shape: op-by-op execution compiles every primitive and is
 # slow; test_jit_equals_eager covers the eager path.
@@ -391,7 +392,7 @@ def test_update_round_trip_under_jit_with_donation():
   """decode -> EMA -> encode in one jitted step, as the optimizer does."""
   rng = np.random.default_rng(8)
   g = jnp.asarray(rng.standard_normal((32, 512)).astype(np.float32))
-  spec = qz.MomentSpec(quantized=True, signed=True)
+  spec = st.MomentSpec(quantized=True, signed=True)
 
   @jax.jit
   def step(m, g):
@@ -416,20 +417,20 @@ def test_update_round_trip_under_jit_with_donation():
 
 
 def test_choose_8bit_uses_the_global_size():
-  assert qz.choose_8bit((64, 64)) and qz.choose_8bit((4096,))
-  assert not qz.choose_8bit((4095,)) and not qz.choose_8bit(())
-  assert qz.choose_8bit((10,), min_8bit_size=10)
-  assert qz.choose_8bit((), min_8bit_size=0)
+  assert st.choose_8bit((64, 64)) and st.choose_8bit((4096,))
+  assert not st.choose_8bit((4095,)) and not st.choose_8bit(())
+  assert st.choose_8bit((10,), min_8bit_size=10)
+  assert st.choose_8bit((), min_8bit_size=0)
   with pytest.raises(ValueError, match="min_8bit_size.*-1"):
-    qz.choose_8bit((4,), min_8bit_size=-1)
+    st.choose_8bit((4,), min_8bit_size=-1)
 
 
 def test_moment_spec_storage():
   w = jax.ShapeDtypeStruct((128, 300), jnp.bfloat16)
   b = jax.ShapeDtypeStruct((300,), jnp.bfloat16)
-  sw = qz.MomentSpec.for_shape(w.shape, signed=False, state_bits=8)
-  sb = qz.MomentSpec.for_shape(b.shape, signed=False, state_bits=8)
-  s32 = qz.MomentSpec.for_shape(w.shape, signed=True, state_bits=32, dtype=jnp.float32)
+  sw = st.MomentSpec.for_shape(w.shape, signed=False, state_bits=8)
+  sb = st.MomentSpec.for_shape(b.shape, signed=False, state_bits=8)
+  s32 = st.MomentSpec.for_shape(w.shape, signed=True, state_bits=32, dtype=jnp.float32)
   assert sw.quantized and not sb.quantized and not s32.quantized
   zw, zb, z32 = sw.init(w), sb.init(b), s32.init(w)
   assert isinstance(zw, qz.QuantizedArray) and zw.absmax.shape == (128, 2)
@@ -444,9 +445,9 @@ def test_moment_spec_storage():
   row = x[0]
   assert sb.encode(row) is row and sb.decode(row) is row
   # Static and hashable; a pytree leaf, so a spec tree mirrors the params.
-  assert hash(sw) == hash(qz.MomentSpec(True, False, 256, None))
+  assert hash(sw) == hash(st.MomentSpec(True, False, 256, None))
   specs = jax.tree.map(
-    lambda p: qz.MomentSpec.for_shape(p.shape, signed=True, state_bits=8), {"w": w, "b": b}
+    lambda p: st.MomentSpec.for_shape(p.shape, signed=True, state_bits=8), {"w": w, "b": b}
   )
   assert jax.tree.structure(specs) == jax.tree.structure({"w": 0, "b": 0})
   state = jax.tree.map(lambda s, p: s.init(p), specs, {"w": w, "b": b})
@@ -455,9 +456,9 @@ def test_moment_spec_storage():
   with pytest.raises(TypeError, match="quantized"):
     sw.decode(jnp.zeros(w.shape))
   with pytest.raises(ValueError, match="state_bits.*16"):
-    qz.MomentSpec.for_shape(w.shape, signed=True, state_bits=16)
+    st.MomentSpec.for_shape(w.shape, signed=True, state_bits=16)
   with pytest.raises(ValueError, match="block_size.*-4"):
-    qz.MomentSpec(quantized=True, block_size=-4)
+    st.MomentSpec(quantized=True, block_size=-4)
 
 
 def test_state_nbytes_of_a_100m_parameter_layout_without_allocating():
@@ -477,7 +478,7 @@ def test_state_nbytes_of_a_100m_parameter_layout_without_allocating():
 
   def init(params, bits):
     def leaf(p):
-      spec = qz.MomentSpec.for_shape(p.shape, signed=True, state_bits=bits)
+      spec = st.MomentSpec.for_shape(p.shape, signed=True, state_bits=bits)
       return spec.init(p)
 
     return {"count": jnp.zeros([], jnp.int32), "mu": jax.tree.map(leaf, params)}

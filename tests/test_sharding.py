@@ -20,6 +20,7 @@ import dualoptim_jax as dj
 from dualoptim_jax import sharding as S
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.quantize import QuantizedArray
+from dualoptim_jax.unlearn import placement as PL
 
 # --------------------------------------------------------------------------- mesh specs
 
@@ -38,7 +39,7 @@ from dualoptim_jax.quantize import QuantizedArray
   ],
 )
 def test_parse_mesh_spec(spec, n, want):
-  assert S.parse_mesh_spec(spec, n) == want
+  assert PL.parse_mesh_spec(spec, n) == want
 
 
 @pytest.mark.parametrize(
@@ -61,16 +62,16 @@ def test_parse_mesh_spec(spec, n, want):
 )
 def test_parse_mesh_spec_errors_name_the_problem(spec, message):
   with pytest.raises(ValueError, match=message):
-    S.parse_mesh_spec(spec, 8)
+    PL.parse_mesh_spec(spec, 8)
 
 
 def test_make_mesh_has_auto_axes_over_the_given_devices():
-  mesh = S.make_mesh(None, devices=jax.devices()[:1])
+  mesh = PL.make_mesh(None, devices=jax.devices()[:1])
   assert mesh.axis_names == ("data", "fsdp")
   assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   with pytest.raises(ValueError, match="uses 2 devices but 1 are available"):
-    S.make_mesh("data=2,fsdp=1", devices=jax.devices()[:1])
+    PL.make_mesh("data=2,fsdp=1", devices=jax.devices()[:1])
 
 
 # --------------------------------------------------------------------------- specs
@@ -112,7 +113,7 @@ def test_fsdp_specs_split_the_largest_divisible_dimension():
 
 
 def test_param_shardings_follow_the_llama_annotations():
-  mesh = S.make_mesh("fsdp=1", devices=jax.devices()[:1])
+  mesh = PL.make_mesh("fsdp=1", devices=jax.devices()[:1])
   params = nnx.state(Llama(LlamaConfig.tiny(64), rngs=nnx.Rngs(0)), nnx.Param)
   shardings = S.param_shardings(params, mesh)
   flat = dict(
@@ -143,12 +144,14 @@ def _specs_by_path(tree):
     ("dualoptim", lambda: dj.dualoptim(1e-3)),
     (
       "dualoptim_plus_8bit",
-      lambda: dj.dualoptim_plus(1e-3, state_bits=8, block_size=4, min_8bit_size=0),
+      lambda: dj.dualoptim_plus(
+        1e-3, storage=dj.state_storage(state_bits=8, block_size=4, min_8bit_size=0)
+      ),
     ),
   ],
 )
 def test_state_shardings_take_the_params_specs(name, make):
-  mesh = S.make_mesh("fsdp=1", devices=jax.devices()[:1])  # size-1 axes: every spec fits
+  mesh = PL.make_mesh("fsdp=1", devices=jax.devices()[:1])  # size-1 axes: every spec fits
   params = {"w": jnp.zeros((8, 16)), "v": jnp.zeros((16, 8)), "s": jnp.zeros(())}
   specs = {"w": P("fsdp", None), "v": P(None, ("data", "fsdp")), "s": P()}
   shardings = S.param_shardings(params, mesh, specs)
@@ -186,7 +189,7 @@ def test_state_shardings_need_laid_out_params():
 
 
 def test_placement_without_mesh_is_the_identity_layout():
-  placement = S.Placement(None)
+  placement = PL.Placement(None)
   params = {"w": jnp.arange(4.0)}
   copy = placement.params(params)
   assert copy["w"] is not params["w"] and np.array_equal(copy["w"], params["w"])
@@ -196,21 +199,24 @@ def test_placement_without_mesh_is_the_identity_layout():
 
 def test_placements_with_the_same_layout_are_equal():
   """The trainer caches compiled steps by placement: equal layouts must share them."""
-  mesh = S.make_mesh("fsdp=1", devices=jax.devices()[:1])
+  mesh = PL.make_mesh("fsdp=1", devices=jax.devices()[:1])
   params = {"w": jnp.zeros((4, 4))}
-  placements = [S.Placement(mesh) for _ in range(3)]
+  placements = [PL.Placement(mesh) for _ in range(3)]
   for p, tx in zip(placements, (optax.adam(1e-3), optax.adam(1e-2), optax.sgd(0.1, momentum=0.9))):
     p.init(tx, p.params(params))
   a, b, c = placements
   assert a == b and hash(a) == hash(b)  # same state layout (hyperparameters do not matter)
   assert a != c  # another state structure
-  assert S.Placement(None) == S.Placement(None)
+  assert PL.Placement(None) == PL.Placement(None)
 
 
 # --------------------------------------------------------------------------- 8 devices
 
 # What runs by default (about 30 s of CPU) and what is marked slow (8-bit compiles are the cost).
-FAST = ("dualoptim_plus:static+traced,dualoptim_plus_8bit:static", "sgd")
+FAST = (
+  "dualoptim_plus:static+traced,dualoptim_plus_8bit:static,dualoptim_plus_lion:static",
+  "sgd",
+)
 SLOW = (
   "dualoptim_plus_8bit:traced,dualoptim:static+traced,adamw:static+traced",
   "dualoptim_plus_eps1e-3,dualoptim_plus",
@@ -251,7 +257,19 @@ def test_mesh_is_data_by_fsdp_of_auto_axes(fast):
   }
 
 
-@pytest.mark.parametrize("name", ["dualoptim_plus", "dualoptim_plus_8bit"])
+@pytest.mark.parametrize("name", ["dualoptim_plus", "dualoptim_plus_8bit", "dualoptim_plus_lion"])
+def test_eager_init_places_every_state_leaf_like_its_param(fast, name):
+  """``tx.init(params)`` outside jit on FSDP-sharded params, as with ``optax.adamw``: float
+  moments and 8-bit codes on the param's sharding, absmax on its leading axes (and on the block
+  axis where the mesh divides it), counters replicated. No ``jax.jit(out_shardings=...)``."""
+  res = fast["optimizers"][name]["init"]
+  assert res["wrong"] == [], res["wrong"]
+  assert res["num_sharded"] > 0
+  if name.endswith("8bit"):
+    assert res["num_codes"] > 0
+
+
+@pytest.mark.parametrize("name", ["dualoptim_plus", "dualoptim_plus_8bit", "dualoptim_plus_lion"])
 def test_sharded_update_has_no_all_gather_static_objective(fast, name):
   """State sharded like the params at init and after updates; the update alone has no gather
   and equals the single-device update bit for bit."""

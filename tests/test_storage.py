@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import dualoptim_jax as dj
+from dualoptim_jax import quantize as qz
 from dualoptim_jax.quantize import QuantizedArray
 
 STEPS = 300
@@ -110,10 +111,15 @@ def test_min_size_and_keep_fp32_rules():
   q = quantized_paths(state)
   assert q and all("hidden']['kernel" in p for p in q)
   assert len(q) == 6  # 2 base + 2 objectives x 2 delta moments
-  state = dj.dualoptim_plus(1e-3, state_bits=8, min_8bit_size=512).init(params)
+  state = dj.dualoptim_plus(1e-3, storage=dj.state_storage(state_bits=8, min_8bit_size=512)).init(
+    params
+  )
   assert any("out']['kernel" in p for p in quantized_paths(state))
   state = dj.dualoptim_plus(
-    1e-3, state_bits=8, min_8bit_size=512, keep_fp32=lambda path: path.startswith("hidden")
+    1e-3,
+    storage=dj.state_storage(
+      state_bits=8, min_8bit_size=512, keep_fp32=lambda path: path.startswith("hidden")
+    ),
   ).init(params)
   q = quantized_paths(state)
   assert q and not any("hidden" in p for p in q)
@@ -121,8 +127,12 @@ def test_min_size_and_keep_fp32_rules():
 
 def test_quantize_base_and_delta_switches():
   params, _ = problem()
-  only_base = dj.scale_by_dualoptim_plus(state_bits=8, quantize_delta=False).init(params)
-  only_delta = dj.scale_by_dualoptim_plus(state_bits=8, quantize_base=False).init(params)
+  only_base = dj.scale_by_dualoptim_plus(
+    storage=dj.state_storage(state_bits=8, quantize_delta=False)
+  ).init(params)
+  only_delta = dj.scale_by_dualoptim_plus(
+    storage=dj.state_storage(state_bits=8, quantize_base=False)
+  ).init(params)
   is_q = lambda x: isinstance(x, QuantizedArray)
   assert any(is_q(x) for x in jax.tree.leaves(only_base.base, is_leaf=is_q))
   assert not any(is_q(x) for x in jax.tree.leaves(only_base.deltas, is_leaf=is_q))
@@ -133,15 +143,15 @@ def test_quantize_base_and_delta_switches():
 def test_maps_signed_for_deltas_and_first_moments_unsigned_for_base_second():
   """A delta second moment can be negative; the stored value must keep its sign."""
   params = {"w": jnp.zeros((8, 512))}
-  tx = dj.scale_by_dualoptim_plus(state_bits=8, min_8bit_size=0)
+  tx = dj.scale_by_dualoptim_plus(storage=dj.state_storage(state_bits=8, min_8bit_size=0))
   state = tx.init(params)
   big = {"w": jnp.full((8, 512), 3.0)}
   small = {"w": jnp.full((8, 512), 0.1)}
   _, state = tx.update(big, state, objective=0)
   _, state = tx.update(small, state, objective=1)  # g^2 - v_B < 0
-  v_delta = dj.dequantize_blockwise(state.deltas[1][1]["w"], signed=True)
+  v_delta = qz.dequantize_blockwise(state.deltas[1][1]["w"], signed=True)
   assert float(jnp.max(v_delta)) < 0
-  v_base = dj.dequantize_blockwise(state.base[1]["w"], signed=False)
+  v_base = qz.dequantize_blockwise(state.base[1]["w"], signed=False)
   assert float(jnp.min(v_base)) > 0
 
 

@@ -241,11 +241,13 @@ def test_schedule_learning_rate_counts_global_steps(make):
   np.testing.assert_allclose(ratios, [1.0, 0.9, 0.8, 0.7, 0.6], rtol=1e-5)
 
 
-def test_mu_dtype_with_bf16_params():
+def test_float32_storage_with_bf16_params():
   params = {"w": jnp.ones((3, 4), jnp.bfloat16)}
+  f32 = dj.state_storage(dtype=jnp.float32)
   for tx in (
-    dj.dualoptim_plus(1e-2, mu_dtype=jnp.float32),
-    dj.dualoptim(1e-2, mu_dtype=jnp.float32),
+    dj.dualoptim_plus(1e-2, storage=f32),
+    dj.dualoptim(1e-2, storage=f32),
+    dj.dualoptim_plus_lion(1e-2, storage=f32),
   ):
     s0 = tx.init(params)
     for leaf in jax.tree.leaves(s0):
@@ -266,3 +268,82 @@ def test_bf16_params_default_storage_keeps_dtype():
   u, s1 = tx.update(params, s0, params, objective=1)
   assert u["w"].dtype == jnp.bfloat16
   assert jax.tree.map(lambda x: x.dtype, s0) == jax.tree.map(lambda x: x.dtype, s1)
+
+
+# --------------------------------------------------------------------------- careful rounding
+
+
+def _run_dualoptim_plus(params, grads_seq, *, careful, lr=1e-2):
+  """Parameters after each step of ``dualoptim_plus`` on ``(k, grads)`` pairs, jitted."""
+  tx = dj.dualoptim_plus(
+    lr, b1=0.9, b2=0.95, base_b1=0.8, base_b2=0.9, eps=1e-8, careful_rounding=careful
+  )
+  state = tx.init(params)
+  step = jax.jit(
+    lambda p, s, g, k: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p, objective=k)
+    ),
+    static_argnums=3,
+  )
+  out = []
+  for k, g in grads_seq:
+    params, state = step(params, state, g, k)
+    out.append(params)
+  return out
+
+
+def _ref_run(params, grads_seq, lr=1e-2):
+  ref = DualOptimPlusRef(
+    params, lr=lr, b1=0.9, b2=0.95, bb1=0.8, bb2=0.9, eps=1e-8, wd=0.0, num_objectives=2
+  )
+  p = {n: np.asarray(v, np.float64) for n, v in params.items()}
+  out = []
+  for k, g in grads_seq:
+    p = ref.step(p, g, k)
+    out.append(p)
+  return out
+
+
+def test_careful_rounding_equals_the_reference_in_float64():
+  """Same maths as the released rule: in float64 it matches the NumPy reference to 1e-12."""
+  params = {n: p.astype(np.float64) for n, p in make_params().items()}
+  seq = [(k, grads_for(0, n, k, params)) for n, k in enumerate([0, 0, 1, 0, 1, 1, 0, 1] * 3)]
+  seq = [(k, {n: g.astype(np.float64) for n, g in gs.items()}) for k, gs in seq]
+  with jax.enable_x64(True):
+    ours = _run_dualoptim_plus(
+      {n: jnp.asarray(p, jnp.float64) for n, p in params.items()}, seq, careful=True
+    )
+    assert ours[-1]["w"].dtype == jnp.float64
+  ref = _ref_run(params, seq)
+  for a, b in zip(ours, ref):
+    for n in params:
+      np.testing.assert_allclose(np.asarray(a[n]), b[n], rtol=0, atol=1e-12)
+
+
+def test_careful_rounding_is_closer_where_the_base_dwarfs_g_squared():
+  """Objective 0 sees gradients of size 1e3 for 30 steps (so v̂_B ~ 1e6); objective 1 then
+  takes steps with gradients ~1e-1 (g² ~ 1e-2 << v̂_B). Released float32 form: (g² − v̂_B)/c + v̂_B
+  is rounding noise of v̂_B's size; the careful form keeps g² exact at t = 1."""
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(64,)).astype(np.float32)}
+  big = [(0, {"w": (1e3 * rng.normal(size=64)).astype(np.float32)}) for _ in range(30)]
+  small = [(1, {"w": (1e-1 * rng.normal(size=64)).astype(np.float32)}) for _ in range(3)]
+  seq = big + small
+  ref = _ref_run(params, seq)[-len(small) :]
+  err = {}
+  for careful in (False, True):
+    ours = _run_dualoptim_plus({"w": jnp.asarray(params["w"])}, seq, careful=careful)
+    ours = ours[-len(small) :]
+    # The objective-1 steps alone: compare each step's parameter change to the reference's.
+    start = _ref_run(params, seq)[len(big) - 1]["w"]
+    moves = np.diff(np.stack([start] + [np.asarray(o["w"], np.float64) for o in ours]), axis=0)
+    ref_moves = np.diff(np.stack([start] + [r["w"] for r in ref]), axis=0)
+    err[careful] = np.max(np.abs(moves - ref_moves)) / np.max(np.abs(ref_moves))
+  print("careful-rounding errors", err)
+  assert err[True] < 1e-3, err
+  assert err[True] < err[False] / 10, err
+
+
+def test_careful_rounding_must_be_a_bool():
+  with pytest.raises(ValueError, match="careful_rounding must be a bool"):
+    dj.scale_by_dualoptim_plus(careful_rounding="yes")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,7 @@ def _reader(path_or_reader):
   return gguf.GGUFReader(os.fspath(path_or_reader))
 
 
-def _field(reader, key, default=None):
+def _field(reader, key, default=None) -> Any:
   field = reader.fields.get(key)
   return default if field is None else field.contents()
 

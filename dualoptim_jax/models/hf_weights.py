@@ -34,7 +34,7 @@ _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 def _hf_to_nnx_paths(cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
   """HF name -> (NNX state path, whether the array is transposed on the way)."""
-  paths = {
+  paths: dict[str, tuple[tuple, bool]] = {
     "model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
     "model.norm.weight": (("norm", "scale"), False),
   }

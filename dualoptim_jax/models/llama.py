@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +121,7 @@ class LlamaConfig:
   @property
   def num_params(self) -> int:
     """Number of parameters of a :class:`Llama` built from this config."""
-    d, hd = self.dim, self.head_dim
+    d, hd = self.dim, cast(int, self.head_dim)  # resolved in __post_init__
     attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
     mlp = 3 * d * self.ffn_dim
     per_layer = attn + mlp + 2 * d
@@ -221,7 +221,9 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.scale = nnx.Param(
       nnx.with_partitioning(nnx.initializers.ones_init(), (None,), eager_sharding=eager)(
-        None, (dim,), param_dtype
+        jax.random.key(0),
+        (dim,),
+        param_dtype,  # ones: the key is not used
       )
     )
 
@@ -247,14 +249,15 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with rotary positions; query head ``h`` uses KV head ``h // G``."""
 
   def __init__(self, cfg: LlamaConfig, *, param_dtype, tp_axis, eager, rngs: nnx.Rngs):
-    self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    hd = cast(int, cfg.head_dim)  # resolved by LlamaConfig.__post_init__
+    self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
     kw = dict(param_dtype=param_dtype, eager=eager, rngs=rngs)
-    self.q_proj = _linear(cfg.dim, cfg.n_heads * cfg.head_dim, (FSDP, tp_axis), **kw)
-    self.k_proj = _linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, (FSDP, tp_axis), **kw)
-    self.v_proj = _linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, (FSDP, tp_axis), **kw)
-    self.o_proj = _linear(cfg.n_heads * cfg.head_dim, cfg.dim, (tp_axis, FSDP), **kw)
+    self.q_proj = _linear(cfg.dim, cfg.n_heads * hd, (FSDP, tp_axis), **kw)
+    self.k_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, (FSDP, tp_axis), **kw)
+    self.v_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, (FSDP, tp_axis), **kw)
+    self.o_proj = _linear(cfg.n_heads * hd, cfg.dim, (tp_axis, FSDP), **kw)
 
-  def __call__(self, x, batch: int, cos, sin, mask, kv=None, index=None):
+  def __call__(self, x, batch: int, cos, sin, mask, kv=None, index: Any = None):
     """``x``: (B*T, dim) normed input; ``mask``: bool (B, T, S) of allowed (query, key) pairs.
 
     With ``kv = (k_cache, v_cache)`` the new keys/values are written at slot ``index`` and the
@@ -402,7 +405,7 @@ class Llama(nnx.Module):
       else:
         before = 0 if cache is None else jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]
         positions = jnp.maximum(before + jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1, 0)
-    cos, sin = rotary_angles(positions, self.config.head_dim, self.config.rope_theta)
+    cos, sin = rotary_angles(positions, cast(int, self.config.head_dim), self.config.rope_theta)
 
     if cache is None:
       q_slot = k_slot = jnp.arange(t)
@@ -422,11 +425,13 @@ class Llama(nnx.Module):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
       x, new_kv = layer(x, batch, cos, sin, mask, kv, index)
       if cache is not None:
+        assert new_kv is not None  # a layer given a cache returns its new keys and values
         keys.append(new_kv[0])
         values.append(new_kv[1])
     h = self.norm(x).reshape(batch, t, -1)
     if cache is None:
       return h, None
+    assert index is not None  # set from the cache above
     return h, KVCache(tuple(keys), tuple(values), key_valid, index + t)
 
   def logits(self, h: jax.Array) -> jax.Array:

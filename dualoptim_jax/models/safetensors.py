@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +45,7 @@ def save_pretrained(
 
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  extra = {}
+  extra: dict[str, Any] = {}
   if tokenizer is not None:
     extra = dict(
       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id

@@ -183,11 +183,14 @@ class Tokenizer:
       show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    ids = {t: tok.token_to_id(t) for t in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)}
+    if any(i is None for i in ids.values()):
+      raise ValueError(f"the trained tokenizer lacks a special token: {ids}")
     result = cls(
       tok,
-      bos_id=tok.token_to_id(BOS_TOKEN),
-      eos_id=tok.token_to_id(EOS_TOKEN),
-      pad_id=tok.token_to_id(PAD_TOKEN),
+      bos_id=int(ids[BOS_TOKEN] or 0),
+      eos_id=int(ids[EOS_TOKEN] or 0),
+      pad_id=int(ids[PAD_TOKEN] or 0),
     )
     if cache_file is not None:
       result.save(cache_file)
