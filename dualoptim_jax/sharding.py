@@ -331,7 +331,8 @@ def process_batch(x: Any, sharding: NamedSharding) -> jax.Array:
   if jax.process_count() == 1 or x.ndim == 0:
     return jax.device_put(x, sharding)
   index = sharding.addressable_devices_indices_map(x.shape).values()
-  rows = sorted({(r.start or 0, x.shape[0] if r.stop is None else r.stop) for r, *_ in index})
+  slices = [idx[0] for idx in index if idx]  # each local device's rows
+  rows = sorted({(r.start or 0, x.shape[0] if r.stop is None else r.stop) for r in slices})
   if all(a[1] == b[0] for a, b in zip(rows, rows[1:])):  # this process holds one block of rows
     return jax.make_array_from_process_local_data(sharding, x[rows[0][0] : rows[-1][1]], x.shape)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
