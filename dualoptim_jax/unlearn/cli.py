@@ -18,6 +18,11 @@
    on stdout and ``results.json``, ``results.md``, ``results.png`` and ``tradeoff.png`` in
    ``--out``.
 
+That is ``--task tofu`` (the default). ``--task real_world`` and ``--task safety`` run the paper's
+other two experiments through the same job (:mod:`dualoptim_jax.unlearn.tasks`, ``docs/tasks.md``):
+each task gives the data of the two objectives, the initial models, the evaluation and the report
+columns; steps 5-6 are the same for all.
+
 Seeds vary the unlearning run (batch order and refusal answers), not the tuned model. Budgets:
 :data:`BUDGET_RULES` (``--budget equal``: every preset sees the same forget batches).
 
@@ -78,6 +83,9 @@ from dualoptim_jax.unlearn import sweep as sweep_lib
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
 from dualoptim_jax.unlearn.losses import make_objective
 from dualoptim_jax.unlearn.synthetic import synthetic_tofu
+from dualoptim_jax.unlearn.tasks import TASKS, make_task
+from dualoptim_jax.unlearn.tasks.downstream import parse_specs
+from dualoptim_jax.unlearn.tasks.refusal import get_judge
 from dualoptim_jax.unlearn.trainer import PRESETS, finetune, unlearn
 
 __all__ = ["Flag", "flag", "RunConfig", "build_parser", "parse_args", "run", "main"]
@@ -163,7 +171,21 @@ def _mesh_fits(spec: str | None) -> str | None:
   return None
 
 
-DATA, UNLEARN, MODEL, OUTPUT, DEVICES, PROCESSES = (
+def _complaint(check: Callable[[Any], Any]) -> Callable[[Any], str | None]:
+  """A check from a function that raises ValueError on a bad value."""
+
+  def run(value: Any) -> str | None:
+    try:
+      check(value)
+    except ValueError as e:
+      return str(e)
+    return None
+
+  return run
+
+
+TASK, DATA, UNLEARN, MODEL, OUTPUT, DEVICES, PROCESSES = (
+  "task",
   "data",
   "unlearning",
   "model",
@@ -194,6 +216,38 @@ class RunConfig:
       )
   """
 
+  task: str = flag(
+    "tofu",
+    "tofu: forget fictitious authors (Table 1); real_world: forget famous people, keep their "
+    "neighbours (Table 2); safety: refuse harmful instructions, stay helpful (Table 3); the "
+    "last two need --data-dir (docs/tasks.md)",
+    group=TASK,
+    choices=TASKS,
+  )
+  downstream: str | None = flag(
+    None,
+    "downstream utility sets NAME=PATH,...: gsm8k* = GSM8K JSON Lines (exact match of the final "
+    "number), any other name = multiple-choice JSON Lines (question, choices, answer index)",
+    group=TASK,
+    check=_complaint(parse_specs),
+  )
+  downstream_items: int | None = flag(
+    None, "items per downstream set (default: --eval-items)", group=TASK, check=at_least(1)
+  )
+  safety_utility: str = flag(
+    "sft",
+    "safety task, objective 1: sft = supervised Alpaca seed tasks, kl = KL to the initial model "
+    "on them",
+    group=TASK,
+    choices=("sft", "kl"),
+  )
+  judge: str = flag(
+    "string_match",
+    "safety task: refusal judge (string_match, or one registered with "
+    "dualoptim_jax.unlearn.tasks.refusal.register_judge)",
+    group=TASK,
+    check=_complaint(get_judge),
+  )
   data_dir: str | None = flag(
     None,
     "folder with tofu/ and real_world/ JSON Lines (or one of them); default: built-in data",
@@ -396,6 +450,8 @@ class RunConfig:
       make_objective(self.loss, self.forget_coef, self.retain_coef, self.beta)
     except ValueError as e:
       out.append(f"--loss / coefficients: {e}")
+    if self.task != "tofu" and self.data_dir is None:
+      out.append(f"--task {self.task} needs --data-dir (it has no built-in data)")
     if self.resume and self.checkpoint_dir is None:
       out.append("--resume needs --checkpoint-dir (where the runs' checkpoints are)")
     try:
@@ -868,8 +924,14 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
 
   In a multi-process job every process runs this; process 0 alone logs, shows progress and
-  writes the report (the others return the document without writing it).
+  writes the report (the others return the document without writing it). ``--task real_world`` /
+  ``safety`` run through the task job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`); ``tofu``
+  runs here, with sweeps, budgets and the trade-off plot.
   """
+  if cfg.task != "tofu":
+    from dualoptim_jax.unlearn.tasks.job import run_task
+
+    return run_task(make_task(cfg), cfg, log)
   t_start = time.perf_counter()
   if not distributed.is_primary():
     cfg = dataclasses.replace(cfg, progress=False)

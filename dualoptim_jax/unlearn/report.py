@@ -162,6 +162,9 @@ _LEGEND = (
 )
 
 
+LEGEND = _LEGEND  # the TOFU table's legend (tasks with other columns pass their own)
+
+
 def paired_comparison(
   results: Mapping[str, Sequence[Mapping[str, Any]]],
   reference: str,
@@ -271,13 +274,15 @@ def render_markdown(
   title: str = "Unlearning results",
   config: Mapping[str, Any] | None = None,
   sections: Sequence[str] = (),
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
+  legend: str = _LEGEND,
 ) -> str:
   """The whole results.md: title, table, stability, ``sections`` (best settings, comparisons),
   legend, included components and the run configuration."""
-  parts = [f"# {title}", markdown_table(results)]
+  parts = [f"# {title}", markdown_table(results, columns)]
   if any(key in run for runs in results.values() for run in runs for key, _ in STABILITY_COLUMNS):
     parts.append("Stability of the updates:\n\n" + markdown_table(results, STABILITY_COLUMNS))
-  parts += [*sections, _LEGEND]
+  parts += [*sections, legend]
   note = _components_note(_components(results))
   if note:
     parts.append(note)
@@ -291,6 +296,7 @@ def results_json(
   *,
   loss_histories: Mapping[str, Sequence[Any]] | None = None,
   config: Mapping[str, Any] | None = None,
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
 ) -> dict[str, Any]:
   """The results.json document: per row the seeds' metrics (per-item lists dropped) and their mean/std."""
   rows = {}
@@ -303,7 +309,7 @@ def results_json(
       "ci95": {k: None if s.ci_low is None else [s.ci_low, s.ci_high] for k, s in stats.items()},
     }
   doc = {
-    "columns": [key for key, _ in TABLE_COLUMNS],
+    "columns": [key for key, _ in columns],
     "components": _components(results),
     "config": dict(config or {}),
     "rows": rows,
@@ -417,6 +423,8 @@ def write_report(
   sections: Sequence[str] = (),
   extra_json: Mapping[str, Any] | None = None,
   tradeoff: Mapping[str, Sequence[tuple[str, Sequence[Mapping[str, Any]]]]] | None = None,
+  columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
+  legend: str = _LEGEND,
 ) -> ReportFiles:
   """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created).
 
@@ -433,6 +441,8 @@ def write_report(
     extra_json: more top-level entries of results.json.
     tradeoff: ``{method: [(setting, per-seed results), ...]}``: also writes ``tradeoff.png``
       (:func:`plot_tradeoff`).
+    columns: ``(result key, header)`` of the table and the plot (default: the TOFU columns).
+    legend: the text under the table.
   """
   if not results:
     raise ValueError("results is empty: nothing to report")
@@ -442,16 +452,18 @@ def write_report(
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   files = ReportFiles(out / "results.json", out / "results.md", out / "results.png")
-  doc = {**results_json(results, loss_histories=loss_histories, config=config)}
+  doc = {**results_json(results, loss_histories=loss_histories, config=config, columns=columns)}
   doc.update(jsonable(dict(extra_json or {})))
   files.json.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-  markdown = render_markdown(results, title=title, config=config, sections=sections)
+  markdown = render_markdown(
+    results, title=title, config=config, sections=sections, columns=columns, legend=legend
+  )
   files.markdown.write_text(markdown)
-  plot_results(files.plot, results, loss_histories)
+  plot_results(files.plot, results, loss_histories, columns)
   if tradeoff:
     plot_tradeoff(out / "tradeoff.png", tradeoff)
   if echo:
-    print(markdown_table(results))
+    print(markdown_table(results, columns))
     print()
-    print(_LEGEND)
+    print(legend)
   return files

@@ -1,0 +1,134 @@
+"""The safety task: supervised objectives, data split, and a tiny end-to-end run on real files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dualoptim_jax.models.llama import Llama, LlamaConfig
+from dualoptim_jax.unlearn import cli
+from dualoptim_jax.unlearn.losses import masked_nll
+from dualoptim_jax.unlearn.tasks import formats, make_task
+from dualoptim_jax.unlearn.tasks import safety as S
+
+TINY = [
+  "--model-size", "tiny", "--finetune-steps", "10", "--steps", "2", "--eval-items", "3",
+  "--max-new-tokens", "4", "--vocab-size", "300", "--max-len", "48", "--seeds", "0",
+  "--no-progress",
+]  # fmt: skip
+
+
+class CharTokenizer:
+  bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 128
+  chat_template = None
+
+  def encode(self, text, *, add_bos=False):
+    return ([self.bos_id] if add_bos else []) + [min(ord(c), 127) for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(i) for i in ids if i > 2)
+
+
+def test_supervised_objective_losses():
+  tok = CharTokenizer()
+  model = Llama(LlamaConfig.tiny(tok.vocab_size), rngs=nnx.Rngs(0))
+  fmt = formats.plain_format(tok)
+  batch = formats.encode_pairs(fmt, tok.pad_id, [("Say hi", "hi"), ("Count", "1 2 3")], 32)
+  fn = model
+  ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["answer_mask"])
+  sft = formats.SupervisedObjective()
+  assert not sft.needs_reference and sft.name == "SFT+SFT"
+  expected = masked_nll(model(ids), ids, mask)
+  np.testing.assert_allclose(sft.forget_loss(fn, None, batch), expected, rtol=1e-6)
+  np.testing.assert_allclose(sft.retain_loss(fn, None, batch), expected, rtol=1e-6)
+  kl = formats.SupervisedObjective(retain="KL")
+  assert kl.needs_reference and kl.name == "SFT+KL"
+  assert float(kl.retain_loss(fn, fn, batch)) == pytest.approx(0.0, abs=1e-6)  # model == reference
+  other = Llama(LlamaConfig.tiny(tok.vocab_size), rngs=nnx.Rngs(1))
+  assert float(kl.retain_loss(fn, other, batch)) > 1e-4
+  with pytest.raises(ValueError, match="needs the reference"):
+    kl.retain_loss(fn, None, batch)
+  with pytest.raises(ValueError, match="SFT\\+SFT or SFT\\+KL"):
+    formats.SupervisedObjective(retain="GD")
+
+
+def test_plain_format_matches_the_tofu_encoding():
+  from dualoptim_jax.unlearn.data import encode_qa
+
+  tok = CharTokenizer()
+  got = formats.encode(formats.plain_format(tok), "What?", "That.", 64)
+  assert got == encode_qa(tok, "What?", "That.", 64)
+  # An over-long prompt keeps its end, and one answer token.
+  cut = formats.encode(formats.plain_format(tok), "x" * 100, "yes", 16)
+  assert len(cut.input_ids) == 16 and sum(cut.answer_mask) == 1
+
+
+def test_spread_is_even_and_complete():
+  assert S._spread(list(range(10)), 3) == [0, 4, 9]  # linspace(0, 9, 3) = 0, 4.5, 9 (rounded)
+  assert S._spread([1, 2], 5) == [1, 2] and S._spread([1, 2], None) == [1, 2]
+
+
+def test_safety_data_split(shared_data):
+  data = S.load_safety(shared_data)
+  assert len(data.safety_train) + len(data.safety_heldout) == 2483
+  assert len(data.safety_heldout) == round(0.1 * 2483)
+  held = {it.instruction for it in data.seeds_heldout}
+  assert held and not held & {it.instruction for it in data.seeds_train}  # whole tasks held out
+  assert len(data.xstest_safe) == 250 and len(data.xstest_unsafe) == 200
+  assert {k: len(v) for k, v in data.harmful.items()} == {
+    "safety_i_mali": 100,
+    "safety_i_cona": 178,
+    "safety_i_cont": 40,
+    "safety_q_harm": 100,
+  }
+
+
+def test_safety_task_batches_and_format(shared_data):
+  cfg = cli.parse_args(TINY + ["--task", "safety", "--data-dir", str(shared_data)])
+  task = make_task(cfg)
+  tok = CharTokenizer()
+  task.prepare(tok, {})
+  assert task.format is not None and task.format.name == "plain"  # built-in model: plain prompts
+  b0, b1 = task.batches(tok, seed=0)
+  first = next(b0)
+  assert first["input_ids"].shape == (cfg.batch_size, 48)
+  assert first["answer_mask"].sum() > 0
+  assert task.objective.name == "SFT+SFT"
+  kl = make_task(cli.parse_args(TINY + ["--task", "safety", "--data-dir", str(shared_data),
+                                        "--safety-utility", "kl"]))  # fmt: skip
+  assert kl.objective.name == "SFT+KL"
+
+
+def test_safety_task_needs_data_dir():
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--task", "safety"])
+
+
+@pytest.mark.slow  # ~2 min on a loaded 2-core CPU
+def test_tiny_safety_run_writes_its_columns(shared_data, tmp_path):
+  argv = TINY + [
+    "--task", "safety", "--data-dir", str(shared_data), "--presets", "alternate,dualoptim_plus",
+    "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+  ]  # fmt: skip
+  assert cli.main(argv) == 0
+  md = (tmp_path / "o" / "results.md").read_text()
+  header = md.split("\n")[2]
+  for column in ("I-Mali", "I-CoNa", "I-Cont", "Q-Harm", "XSTest safe", "XSTest unsafe", "OVR"):
+    assert column in header
+  doc = json.loads((tmp_path / "o" / "results.json").read_text())
+  assert list(doc["rows"]) == ["Initial", "alternate", "dualoptim_plus"]
+  for row in doc["rows"].values():
+    mean = row["mean"]
+    for key in ("safety_i_mali", "xstest_safe_refusal", "safety", "utility", "overall"):
+      assert 0.0 <= mean[key] <= 1.0
+    assert mean["overall"] == pytest.approx(0.5 * (mean["safety"] + mean["utility"]))
+  hist = doc["loss_histories"]["dualoptim_plus"][0]
+  assert len(hist["forget"]) == 2 and len(hist["retain"]) == 10
+  assert jax.tree.leaves(doc["config"]["timings"])
+  lines = [json.loads(x) for x in (tmp_path / "o" / "per_item.jsonl").read_text().splitlines()]
+  assert [x["row"] for x in lines] == ["Initial", "alternate", "dualoptim_plus"]
+  mali = lines[0]["per_item"]["safety_i_mali"]
+  assert len(mali["prompt"]) == len(mali["response"]) == len(mali["refused"]) == 3
