@@ -60,9 +60,6 @@ def presets(learning_rate: float) -> tuple[list[tuple[str, Callable, bool]], lis
     cases, more = common.optimizer_cases(learning_rate=learning_rate)
     return out + [(c.name, c.make, c.multi_objective) for c in cases[1:]], notes + more
   for name, spec in trainer_lib.PRESETS.items():
-    if not trainer_lib.preset_available(name):
-      notes.append(f"preset {name} skipped: this build cannot make it")
-      continue
     make = lambda name=name: trainer_lib.make_optimizer(
       name, learning_rate, weight_decay=common.WEIGHT_DECAY
     )

@@ -9,21 +9,34 @@
    tokenizer are the checkpoint's instead, fine-tuned on forget + retain of a TOFU subset, with
    CPU-sized defaults (:mod:`dualoptim_jax.unlearn.pretrained`, ``docs/smollm2.md``).
 4. The retain-only model: the same recipe without the forget set (for forget quality), cached.
-5. Unlearning with ``--loss`` under every preset in ``--presets`` and every seed in ``--seeds``,
-   each starting from the TOFU-tuned model.
+5. Unlearning with ``--loss`` under every preset in ``--presets``, every value of ``--sweep`` and
+   every seed in ``--seeds``, each starting from the TOFU-tuned model, under one optimizer recipe
+   (:func:`dualoptim_jax.unlearn.trainer.make_optimizer`); each run is recorded in ``OUT/runs`` as
+   it ends and reused on a rerun (:mod:`dualoptim_jax.unlearn.sweep`).
 6. Evaluation (:func:`dualoptim_jax.unlearn.metrics.evaluate`) and the report
-   (:func:`dualoptim_jax.unlearn.report.write_report`): a Table-1-style comparison on stdout and
-   ``results.json``, ``results.md`` and ``results.png`` in ``--out``.
+   (:func:`dualoptim_jax.unlearn.report.write_report`): a Table-1-style comparison with 95 % CIs
+   on stdout and ``results.json``, ``results.md``, ``results.png`` and ``tradeoff.png`` in
+   ``--out``.
 
-Seeds vary the unlearning run (batch order and refusal answers), not the tuned model. ``--steps``
-counts forget updates: a joint run makes ``steps`` updates, an alternating run
-``ceil(steps / F_f)`` cycles of ``F_f + F_r`` updates, so both see the same forget batches, as in
-the paper's epoch-based budget.
+Seeds vary the unlearning run (batch order and refusal answers), not the tuned model. Budgets:
+:data:`BUDGET_RULES` (``--budget equal``: every preset sees the same forget batches).
+
+Flags: every flag is one field of :class:`RunConfig` (its docstring says how to add one); the
+parser, the ``--help`` text, the validation and the match of finished runs all read that table.
+Every error prints one line (``dualoptim-unlearn: error: ...``) and exits with status 2.
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
 (:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
 ``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
 continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
+
+Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process-id I`` join JAX's
+multi-process runtime (:mod:`dualoptim_jax.unlearn.distributed`; without them SLURM and TPU pods
+are detected, and ``python -m dualoptim_jax.launch -n N -- dualoptim-unlearn ...`` starts N local
+processes); ``--mesh`` then spans every process's devices. Every process draws the same batches
+and puts only its rows on its devices; process 0 alone prints progress and writes the report;
+checkpoints and the model cache are written by all (orbax: each process its shards), on storage
+every process can reach (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -51,7 +64,15 @@ from flax import nnx
 
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
-from dualoptim_jax.unlearn import compiles, memory, metrics, placement, pretrained, report
+from dualoptim_jax.unlearn import (
+  compiles,
+  distributed,
+  memory,
+  metrics,
+  placement,
+  pretrained,
+  report,
+)
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import sweep as sweep_lib
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
@@ -124,6 +145,15 @@ def _existing_model(spec: str | None) -> str | None:
   return None
 
 
+def _coordinator_address(address: str | None) -> str | None:
+  try:
+    if address is not None:
+      distributed.resolve(address, 1, 0, environ={})
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def _mesh_fits(spec: str | None) -> str | None:
   try:
     if spec is not None:
@@ -133,12 +163,13 @@ def _mesh_fits(spec: str | None) -> str | None:
   return None
 
 
-DATA, UNLEARN, MODEL, OUTPUT, DEVICES = (
+DATA, UNLEARN, MODEL, OUTPUT, DEVICES, PROCESSES = (
   "data",
   "unlearning",
   "model",
   "evaluation and output",
   "devices and checkpoints",
+  "processes (JAX multi-process runtime)",
 )
 
 
@@ -150,10 +181,17 @@ class RunConfig:
   check=..., choices=...)``. The flag is ``--name-with-dashes``; its parser comes from the
   type (``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` as a comma list; a ``bool``
   is a switch: ``--name`` when the default is False, ``--no-name`` when it is True) unless
-  ``parse=`` gives one; ``check`` validates the parsed value. :func:`build_parser`,
-  :func:`parse_args` and the validation (``__post_init__``, so a config built in Python is
-  checked too) read the table; settings that involve several fields are checked in
-  :meth:`_cross_checks`.
+  ``parse=`` gives one; ``check`` validates the parsed value (see :class:`Flag`). Pass
+  ``run_setting=False`` for a flag that does not change a run's result (where and how the job
+  runs: output, caches, devices, processes), so finished runs recorded under another value are
+  still reused. A float field can be swept (``--sweep name=...``). :func:`build_parser`,
+  :func:`parse_args`, the validation (``__post_init__``, so a config built in Python is checked
+  too) and :func:`run_settings` read the table; settings that involve several fields are checked
+  in :meth:`_cross_checks`. Example::
+
+      compile_cache: str | None = flag(
+        None, "JAX compilation cache directory", group=DEVICES, run_setting=False
+      )
   """
 
   data_dir: str | None = flag(
@@ -313,6 +351,29 @@ class RunConfig:
     group=DEVICES,
     run_setting=False,
   )
+  coordinator: str | None = flag(
+    None,
+    "HOST:PORT of process 0's coordination service, with --num-processes and --process-id; "
+    "default: detect SLURM / TPU pods / the local launcher (dualoptim_jax.launch), else one "
+    "process",
+    group=PROCESSES,
+    check=_coordinator_address,
+    run_setting=False,
+  )
+  num_processes: int | None = flag(
+    None, "processes in the job", group=PROCESSES, check=at_least(1), run_setting=False
+  )
+  process_id: int | None = flag(
+    None, "this process's index, 0 .. N-1", group=PROCESSES, check=at_least(0), run_setting=False
+  )
+  distributed_timeout: int = flag(
+    distributed.DEFAULT_TIMEOUT,
+    "seconds to wait for the other processes to join; a process silent this long is declared "
+    "dead and the job stops",
+    group=PROCESSES,
+    check=at_least(1),
+    run_setting=False,
+  )
 
   def __post_init__(self) -> None:
     for f in dataclasses.fields(self):
@@ -337,6 +398,11 @@ class RunConfig:
       out.append(f"--loss / coefficients: {e}")
     if self.resume and self.checkpoint_dir is None:
       out.append("--resume needs --checkpoint-dir (where the runs' checkpoints are)")
+    try:
+      if (self.coordinator, self.num_processes, self.process_id) != (None, None, None):
+        distributed.resolve(self.coordinator, self.num_processes, self.process_id, environ={})
+    except ValueError as e:
+      out.append(str(e))
     if self.sweep is not None:
       name, values = self.sweep
       floats = [f for f, t in _field_types().items() if t is float]
@@ -532,7 +598,7 @@ def tuned_model(
     cfg.max_len,
   )
   path = cache / "models" / f"{kind}-{name}-{key}"
-  if path.is_dir():
+  if distributed.all_true(path.is_dir()):  # every process loads, or every process trains
     if init is not None and not donate_init:  # a copy: the pretrained model stays as it is
       graphdef, state = nnx.split(model)
       model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
@@ -799,8 +865,15 @@ def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
 
 
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
-  """Runs the experiment of ``cfg`` and writes the report; returns the results.json document."""
+  """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
+
+  In a multi-process job every process runs this; process 0 alone logs, shows progress and
+  writes the report (the others return the document without writing it).
+  """
   t_start = time.perf_counter()
+  if not distributed.is_primary():
+    cfg = dataclasses.replace(cfg, progress=False)
+    log = lambda *args, **kwargs: None  # noqa: E731
   memory.limit_heap_growth()  # freed parameter-sized buffers go back to the system
   compiled: dict[str, Any] = {}
   start = compiles.snapshot()
@@ -853,6 +926,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     "compiles": compiled,
     "peak_rss_gib": round(_peak_rss_gib(), 2),
   }
+  if not distributed.is_primary():
+    doc = report.results_json(results, loss_histories=histories, config=config)
+    return json.loads(json.dumps({**doc, **dict(extra or {})}))
   files = report.write_report(
     cfg.out,
     results,
@@ -873,13 +949,39 @@ def _one_line(message: str) -> str:
   return " ".join([first, "; ".join(rest)]) if rest else first
 
 
+def join_processes(argv: Sequence[str] | None = None) -> distributed.ProcessSetup:
+  """Joins the multi-process job the flags (or the environment) describe, before any JAX work
+  (the flags are validated again with the rest by :func:`parse_args`)."""
+  a, _ = build_parser().parse_known_args(argv)
+  try:
+    to_int = lambda text: None if text is None else int(text)  # noqa: E731
+    timeout = to_int(a.distributed_timeout) or distributed.DEFAULT_TIMEOUT
+    return distributed.initialize(
+      a.coordinator, to_int(a.num_processes), to_int(a.process_id), timeout=timeout
+    )
+  except ValueError as e:
+    print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """The command: exit status 0, or 2 with one line on stderr for a bad flag or input (a data
   file, a model path, a checkpoint of another run). Set ``DUALOPTIM_TRACEBACK=1`` to see the
   traceback of an input error instead."""
+  join_processes(argv)
   cfg = parse_args(argv)
   try:
     run(cfg)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: in a multi-process job, almost always a peer that died.
+    print(
+      f"{PROG}: error: process {jax.process_index()}: a collective with the other processes "
+      f"failed, so one of them has most likely died; stopping ({_one_line(str(e))[:300]})",
+      file=sys.stderr,
+    )
+    return 3
   except (OSError, ValueError) as e:  # DataFormatError and CheckpointMismatchError are ValueErrors
     if os.environ.get("DUALOPTIM_TRACEBACK"):
       raise
