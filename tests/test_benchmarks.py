@@ -158,5 +158,6 @@ def test_gpu_check_dry_run(tmp_path):
     r["optimizer"] for r in parts["update"]["result"]["results"]
   }
   assert "dualoptim_plus" in parts["lm_step"]["result"]["step_ratio"]
-  run = parts["tofu_run"]["result"]
-  assert {"alternate", "dualoptim_plus"} <= set(run["config"]["presets_run"])
+  run = parts["tofu_run"]["result"]["config"]
+  assert {"alternate", "dualoptim_plus"} <= set(run["presets"])
+  assert run["compiles"]["total"]["programs"] >= 1 and 0 < run["evaluation_share"] < 1
