@@ -68,6 +68,8 @@ __all__ = [
   "state_shardings",
   "replicated",
   "batch_sharding",
+  "process_batch",
+  "host_value",
 ]
 
 
@@ -311,3 +313,40 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
   if not axes or math.prod(mesh.shape[a] for a in axes) == 1:
     return replicated(mesh)
   return NamedSharding(mesh, PartitionSpec(tuple(axes)))
+
+
+# ------------------------------------------------------------------------------
+# Several processes.
+
+
+def process_batch(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A global host array ``x`` (the same in every process) as a global ``jax.Array``, built
+  from this process's rows only (``jax.make_array_from_process_local_data``).
+
+  In a multi-process job every process draws the same global batch (so the data order does not
+  depend on the process count) and puts on its devices only the rows they hold; in one process
+  this is ``jax.device_put(x, sharding)``.
+  """
+  x = np.asarray(x)
+  if jax.process_count() == 1 or x.ndim == 0:
+    return jax.device_put(x, sharding)
+  index = sharding.addressable_devices_indices_map(x.shape).values()
+  slices = [idx[0] for idx in index if idx]  # each local device's rows
+  rows = sorted({(r.start or 0, x.shape[0] if r.stop is None else r.stop) for r in slices})
+  if all(a[1] == b[0] for a, b in zip(rows, rows[1:])):  # this process holds one block of rows
+    return jax.make_array_from_process_local_data(sharding, x[rows[0][0] : rows[-1][1]], x.shape)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def host_value(x: Any) -> np.ndarray:
+  """The whole value of an array as NumPy, in every process.
+
+  An array spanning other processes' devices (not fully addressable, not replicated) is
+  gathered from all of them (``multihost_utils.process_allgather``), a collective: every
+  process must call this for the same arrays in the same order.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

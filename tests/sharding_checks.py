@@ -21,12 +21,11 @@ import dualoptim_jax as dj
 from dualoptim_jax import sharding as S
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.quantize import QuantizedArray
-from dualoptim_jax.unlearn import checkpoint as C
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
+from dualoptim_jax.unlearn import paths
 from dualoptim_jax.unlearn import placement as PL
 from dualoptim_jax.unlearn import trainer as T
-from dualoptim_jax.unlearn.paths import path_name
 
 V, LEN, BATCH = 64, 16, 8
 CONFIG = LlamaConfig(vocab_size=V, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64)
@@ -64,7 +63,7 @@ def expected_spec(name: str, leaf_shape: tuple, param_specs: dict, mesh) -> P | 
 
 def sharding_report(state, param_specs, mesh) -> dict:
   wrong, quantized, sharded = [], 0, 0
-  for name, leaf in C.named_leaves(state).items():
+  for name, leaf in paths.named_leaves(state).items():
     spec = expected_spec(name, leaf.shape, param_specs, mesh)
     if spec is None:
       continue
@@ -91,7 +90,7 @@ def optimizer_checks(runs: dict[str, list[str]], mesh) -> dict:
   single_params = plain_params()
   specs = S.fsdp_specs(single_params, mesh, min_size=1024)
   params = jax.device_put(single_params, S.param_shardings(single_params, mesh, specs))
-  param_specs = {name: leaf.sharding.spec for name, leaf in C.named_leaves(params).items()}
+  param_specs = {name: leaf.sharding.spec for name, leaf in paths.named_leaves(params).items()}
   out = {"param_specs": {k: str(v) for k, v in param_specs.items()}}
   key = jax.random.key(0)
   grad = lambda i: jax.tree.map(
@@ -203,7 +202,7 @@ def annotated_specs() -> dict[str, P]:
   ]
   out = {}
   for path, var in flat:
-    name = path_name(path)
+    name = paths.path_name(path)
     out[name] = S.fit_spec(P(*(var.get_metadata().get("out_sharding") or ())), var.shape, mesh)
   return out
 

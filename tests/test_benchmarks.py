@@ -123,3 +123,41 @@ def test_bench_train_step_quick(tmp_path):
   rows = check_rows("bench_train_step.py", run_quick("bench_train_step.py", tmp_path))
   assert any(r["preset"] == "optax.adamw" for r in rows)
   assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_lm_pipeline_quick(tmp_path):
+  payload = run_quick("bench_lm_pipeline.py", tmp_path, "--presets", "joint,dualoptim_plus")
+  assert {"step_ratio", "generation", "model"} <= payload.keys()
+  assert set(payload["step_ratio"]) == {"joint", "dualoptim_plus"}
+  assert all(r > 0 for r in payload["step_ratio"].values())
+  assert payload["model"]["n_layers"] == 2
+  decoders = {row["decoder"]: row for row in payload["generation"]}
+  assert set(decoders) == {"generate.py", "bare loop"}
+  # Both decoders are greedy on the same prompts: they must produce the same tokens.
+  assert all(row["same_tokens"] for row in decoders.values())
+  assert decoders["bare loop"]["ratio_to_bare"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+  out = tmp_path / "gpu_check.json"
+  proc = subprocess.run(
+    [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--out", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  payload = json.loads(out.read_text())
+  assert payload["dry_run"] and not payload["notes"]
+  parts = payload["results"]
+  assert set(parts) == {"update", "lm_step", "tofu_run"}
+  assert all(p["returncode"] == 0 and "result" in p for p in parts.values())
+  assert {"dualoptim_plus", "optax.adamw"} <= {
+    r["optimizer"] for r in parts["update"]["result"]["results"]
+  }
+  assert "dualoptim_plus" in parts["lm_step"]["result"]["step_ratio"]
+  run = parts["tofu_run"]["result"]["config"]
+  assert {"alternate", "dualoptim_plus"} <= set(run["presets"])
+  assert run["compiles"]["total"]["programs"] >= 1 and 0 < run["evaluation_share"] < 1

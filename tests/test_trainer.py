@@ -389,3 +389,47 @@ def test_unlearn_records_its_settings_and_the_largest_update(toy):
   )
   # Adam's first step moves every element by about one learning rate.
   assert 0.5 < out.stability["max_update_ratio"] < 10 and out.stability["elements_over_10x_lr"] == 0
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_donated_model_trains_in_place_with_the_same_result_and_one_executable(toy):
+  model, forget, retain = toy
+  loss = L.make_objective("GA+GD")
+
+  def run(m, donate):
+    return T.unlearn(
+      m,
+      loss,
+      *_iters(forget, retain),
+      preset="dualoptim_plus",
+      learning_rate=1e-2,
+      num_updates=6,
+      progress=False,
+      donate_model=donate,
+    )
+
+  kept = run(model, False)
+  programs = len(T._EXECUTABLES)
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  given = run(copy, True)
+  assert len(T._EXECUTABLES) == programs  # the same programs: compiled once, shared
+  assert _same(kept.model, given.model)
+  assert all(x.is_deleted() for x in _params(copy))  # its buffers were the run's
+  assert not any(x.is_deleted() for x in _params(model))  # the kept model is untouched
+
+
+def test_a_donated_model_needs_an_explicit_reference(toy):
+  model, _, _ = toy
+  with pytest.raises(ValueError, match="ref_model"):
+    T.Unlearner(model, L.make_objective("NPO+KL"), optax.adam(1e-3), donate_model=True)
+
+
+def test_the_optimizer_state_is_made_after_the_first_step_is_compiled(toy):
+  model, forget, retain = toy
+  runner = T.Unlearner(model, L.make_objective("GA+GD"), optax.adam(1e-3))
+  assert runner._core._opt_state is None  # nothing allocated before the first step
+  runner.step(*_iters(forget, retain))
+  assert runner._core._opt_state is not None and runner.update_count == 1

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dualoptim_jax.models.llama import Llama
+from dualoptim_jax.sharding import host_value
 
 __all__ = ["greedy_generate", "pad_prompts"]
 
@@ -135,12 +136,12 @@ def greedy_generate(
   if use_cache:
     ids, mask = pad_prompts(prompts, pad_id=pad_id, side=padding_side, multiple=pad_to_multiple)
     graphdef, state = nnx.split(model)
-    out = np.asarray(
+    out = host_value(  # every process decodes the same batch (a multi-process model included)
       _generate_cached(
         graphdef,
         state,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
+        ids,
+        mask,
         jnp.int32(eos_id),
         jnp.int32(pad_id),
         max_new_tokens=max_new_tokens,

@@ -26,6 +26,11 @@ the batch a function of the iterators' positions, and the objective of the updat
 checkpoint -- also mid-cycle of the forget/retain schedule -- ends bit-identical to an
 uninterrupted one (on the same mesh; see ``tests/test_checkpoint.py``).
 
+Integrity: every array's checksum (:mod:`dualoptim_jax.unlearn.integrity`) is written with the
+checkpoint and verified on restore; a damaged checkpoint (a flipped byte in an array file, an
+unreadable ``_sharding`` file) raises :class:`CheckpointCorruptError` naming it, and
+:func:`run_with_checkpoints` then resumes from the newest intact one, saying so in one line.
+
 Saving is asynchronous (orbax writes in a background thread while training goes on; the arrays
 are copied first, since the next step donates them) and atomic: a run killed while writing leaves
 no partial step behind.
@@ -33,6 +38,7 @@ no partial step behind.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,12 +49,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dualoptim_jax.unlearn import integrity
+from dualoptim_jax.unlearn.integrity import CheckpointCorruptError
 from dualoptim_jax.unlearn.jsonable import jsonable
 from dualoptim_jax.unlearn.paths import named_leaves
 from dualoptim_jax.unlearn.trainer import LossHistory, Unlearner
 
 __all__ = [
   "CheckpointMismatchError",
+  "CheckpointCorruptError",
   "fingerprint",
   "fingerprint_mismatches",
   "named_leaves",
@@ -62,6 +71,7 @@ __all__ = [
 ]
 
 _ITEMS = ("arrays", "state", "fingerprint")
+_CHECKSUMS = "array_checksums"  # the key of the arrays' checksums in the JSON state
 # What an array group is called in messages.
 _GROUP_LABEL = {"params": "param", "opt_state": "optimizer state", "rng": "RNG state"}
 
@@ -286,12 +296,13 @@ class Checkpointer:
       group: {k: jnp.copy(v) for k, v in named_leaves(tree).items()}
       for group, tree in arrays.items()
     }
+    state = {**jsonable(dict(state or {})), _CHECKSUMS: integrity.checksums(named)}
     self._manager.save(
       step,
       force=True,
       args=ocp.args.Composite(
         arrays=ocp.args.StandardSave(named),
-        state=ocp.args.JsonSave(jsonable(dict(state or {}))),
+        state=ocp.args.JsonSave(state),
         fingerprint=ocp.args.JsonSave(self.fingerprint),
       ),
     )
@@ -305,13 +316,15 @@ class Checkpointer:
     step checked.
     """
     step = self._step(step)
-    saved_fp = self._manager.restore(
-      step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
-    )
+    with self._reading(step):
+      saved_fp = self._manager.restore(
+        step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
+      )
     lines = fingerprint_mismatches(saved_fp["fingerprint"], self.fingerprint)
     if not lines:
-      metadata = self._manager.item_metadata(step)["arrays"]
-      saved = {g: dict(tree) for g, tree in metadata.items()}
+      with self._reading(step):
+        metadata = self._manager.item_metadata(step)["arrays"]
+        saved = {g: dict(tree) for g, tree in metadata.items()}
       target = {g: named_leaves(_abstract(tree)) for g, tree in like.items()}
       lines = _shape_mismatches(saved, target)
     if lines:
@@ -338,6 +351,8 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no checkpoint in the directory.
       CheckpointMismatchError: see :meth:`check`.
+      CheckpointCorruptError: the checkpoint's files cannot be read, or an array does not match
+        the checksum written at save time.
     """
     step = self.check(like, step)
     targets, treedefs = {}, {}
@@ -345,14 +360,67 @@ class Checkpointer:
       abstract = _abstract(tree)
       targets[group] = named_leaves(abstract)
       treedefs[group] = jax.tree.structure(abstract)
-    out = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(targets), state=ocp.args.JsonRestore()
-      ),
-    )
+    with self._reading(step):
+      out = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          arrays=ocp.args.StandardRestore(targets), state=ocp.args.JsonRestore()
+        ),
+      )
+    state = dict(out["state"])
+    damaged = integrity.mismatches(state.pop(_CHECKSUMS, {}), integrity.checksums(out["arrays"]))
+    if damaged:
+      group, name = damaged[0]
+      more = f" (and {len(damaged) - 1} more arrays)" if len(damaged) > 1 else ""
+      raise CheckpointCorruptError(
+        f"checkpoint {self.directory / str(step)} is damaged: {_GROUP_LABEL.get(group, group)} "
+        f"{name!r}{more} does not match the checksum written at save time"
+      )
     arrays = {g: treedefs[g].unflatten([out["arrays"][g][k] for k in targets[g]]) for g in targets}
-    return arrays, dict(out["state"]), step
+    return arrays, state, step
+
+  def restore_intact(
+    self, like: Mapping[str, Any], log=print
+  ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """:meth:`restore` of the newest checkpoint that is not damaged.
+
+    Each damaged checkpoint is reported with one line through ``log`` and deleted (it could
+    not be resumed from, and the resumed run writes that step again).
+
+    Raises:
+      FileNotFoundError: no checkpoint in the directory.
+      CheckpointCorruptError: every checkpoint is damaged.
+      CheckpointMismatchError: the newest intact checkpoint belongs to another configuration.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    reasons = []
+    for i, step in enumerate(reversed(steps)):
+      try:
+        return self.restore(like, step)
+      except CheckpointCorruptError as e:
+        older = steps[-i - 2] if i + 1 < len(steps) else None
+        then = "no older checkpoint left" if older is None else f"trying update {older}"
+        log(f"{e}; deleted it, {then}")
+        reasons.append(str(e))
+        self._manager.delete(step)
+    raise CheckpointCorruptError(
+      f"every checkpoint in {self.directory} is damaged:\n  " + "\n  ".join(reasons)
+    )
+
+  @contextlib.contextmanager
+  def _reading(self, step: int):
+    """Turns a failure inside orbax's readers into a :class:`CheckpointCorruptError`."""
+    try:
+      yield
+    except (CheckpointMismatchError, CheckpointCorruptError):
+      raise
+    except Exception as e:  # noqa: BLE001 (orbax, tensorstore and JSON raise many kinds)
+      raise CheckpointCorruptError(
+        f"checkpoint {self.directory / str(step)} is damaged: its files cannot be read "
+        f"({integrity.describe_error(e)})"
+      ) from e
 
   def _step(self, step: int | None) -> int:
     steps = self.all_steps()
@@ -423,6 +491,10 @@ def restore_unlearner(
 ) -> None:
   """Loads a checkpoint into ``unlearner`` (onto its mesh) and the iterators."""
   arrays, state, _ = ckpt.restore(_arrays(unlearner), step)
+  _load(unlearner, forget_batches, retain_batches, arrays, state)
+
+
+def _load(unlearner, forget_batches, retain_batches, arrays, state) -> None:
   unlearner.load_state_dict(
     {
       **arrays,
@@ -469,8 +541,11 @@ def run_with_checkpoints(
         f"the latest checkpoint in {ckpt.directory} is at update {latest}, past the "
         f"{num_updates} updates of this run"
       )
-    restore_unlearner(ckpt, unlearner, forget_batches, retain_batches, latest)
-    log(f"[{desc}] resumed from {ckpt.directory} at update {latest} of {num_updates}")
+    arrays, state, step = ckpt.restore_intact(
+      _arrays(unlearner), log=lambda msg: log(f"[{desc}] {msg}")
+    )
+    _load(unlearner, forget_batches, retain_batches, arrays, state)
+    log(f"[{desc}] resumed from {ckpt.directory} at update {step} of {num_updates}")
 
   def on_update(update: int, losses: Mapping[str, float]) -> None:
     del update, losses

@@ -34,6 +34,14 @@ Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devi
 (:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
 ``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
 continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
+
+Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process-id I`` join JAX's
+multi-process runtime (:mod:`dualoptim_jax.unlearn.distributed`; without them SLURM and TPU pods
+are detected, and ``python -m dualoptim_jax.launch -n N -- dualoptim-unlearn ...`` starts N local
+processes); ``--mesh`` then spans every process's devices. Every process draws the same batches
+and puts only its rows on its devices; process 0 alone prints progress and writes the report;
+checkpoints and the model cache are written by all (orbax: each process its shards), on storage
+every process can reach (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -61,8 +69,16 @@ from flax import nnx
 
 from dualoptim_jax.models.llama import Llama, LlamaConfig
 from dualoptim_jax.models.tokenizer import Tokenizer
+from dualoptim_jax.unlearn import (
+  compiles,
+  distributed,
+  memory,
+  metrics,
+  placement,
+  pretrained,
+  report,
+)
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn import metrics, placement, pretrained, report
 from dualoptim_jax.unlearn import sweep as sweep_lib
 from dualoptim_jax.unlearn.checkpoint import RunCheckpointer, load_params, save_params
 from dualoptim_jax.unlearn.losses import make_objective
@@ -137,6 +153,15 @@ def _existing_model(spec: str | None) -> str | None:
   return None
 
 
+def _coordinator_address(address: str | None) -> str | None:
+  try:
+    if address is not None:
+      distributed.resolve(address, 1, 0, environ={})
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def _mesh_fits(spec: str | None) -> str | None:
   try:
     if spec is not None:
@@ -159,13 +184,14 @@ def _complaint(check: Callable[[Any], Any]) -> Callable[[Any], str | None]:
   return run
 
 
-TASK, DATA, UNLEARN, MODEL, OUTPUT, DEVICES = (
+TASK, DATA, UNLEARN, MODEL, OUTPUT, DEVICES, PROCESSES = (
   "task",
   "data",
   "unlearning",
   "model",
   "evaluation and output",
   "devices and checkpoints",
+  "processes (JAX multi-process runtime)",
 )
 
 
@@ -379,6 +405,29 @@ class RunConfig:
     group=DEVICES,
     run_setting=False,
   )
+  coordinator: str | None = flag(
+    None,
+    "HOST:PORT of process 0's coordination service, with --num-processes and --process-id; "
+    "default: detect SLURM / TPU pods / the local launcher (dualoptim_jax.launch), else one "
+    "process",
+    group=PROCESSES,
+    check=_coordinator_address,
+    run_setting=False,
+  )
+  num_processes: int | None = flag(
+    None, "processes in the job", group=PROCESSES, check=at_least(1), run_setting=False
+  )
+  process_id: int | None = flag(
+    None, "this process's index, 0 .. N-1", group=PROCESSES, check=at_least(0), run_setting=False
+  )
+  distributed_timeout: int = flag(
+    distributed.DEFAULT_TIMEOUT,
+    "seconds to wait for the other processes to join; a process silent this long is declared "
+    "dead and the job stops",
+    group=PROCESSES,
+    check=at_least(1),
+    run_setting=False,
+  )
 
   def __post_init__(self) -> None:
     for f in dataclasses.fields(self):
@@ -405,6 +454,11 @@ class RunConfig:
       out.append(f"--task {self.task} needs --data-dir (it has no built-in data)")
     if self.resume and self.checkpoint_dir is None:
       out.append("--resume needs --checkpoint-dir (where the runs' checkpoints are)")
+    try:
+      if (self.coordinator, self.num_processes, self.process_id) != (None, None, None):
+        distributed.resolve(self.coordinator, self.num_processes, self.process_id, environ={})
+    except ValueError as e:
+      out.append(str(e))
     if self.sweep is not None:
       name, values = self.sweep
       floats = [f for f, t in _field_types().items() if t is float]
@@ -567,10 +621,12 @@ def tuned_model(
   init: nnx.Module | None = None,
   init_key: Any = None,
   mesh: Any = None,
+  donate_init: bool = False,
 ) -> nnx.Module:
   """A Llama fine-tuned on ``items`` (answer-token NLL), loaded from cache if there.
 
-  From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged)
+  From scratch (a ``--model-size`` Llama), or from ``init`` (a pretrained model, left unchanged
+  unless ``donate_init``: then its buffers are trained or overwritten, one copy less in memory)
   whose weights ``init_key`` names in the cache key.
   """
   pairs = [(it.question, it.answer) for it in items]
@@ -598,8 +654,8 @@ def tuned_model(
     cfg.max_len,
   )
   path = cache / "models" / f"{kind}-{name}-{key}"
-  if path.is_dir():
-    if init is not None:  # load into a copy with its own arrays: the pretrained model stays as is
+  if distributed.all_true(path.is_dir()):  # every process loads, or every process trains
+    if init is not None and not donate_init:  # a copy: the pretrained model stays as it is
       graphdef, state = nnx.split(model)
       model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     load_params(model, path)
@@ -619,6 +675,7 @@ def tuned_model(
     progress=cfg.progress,
     desc=f"fine-tune {kind}",
     mesh=mesh,
+    donate_model=donate_init or init is None,
   )
   tail = result.losses[-10:].mean() if len(result.losses) else float("nan")
   log(
@@ -637,6 +694,31 @@ BUDGET_RULES = {
   f"(ceil(epochs * forget items / batch size) updates), alternating presets {AUTHORS_UPDATES} "
   "updates",
 }
+
+
+def _use_compilation_cache(cache: Path, log=print) -> None:
+  """JAX's persistent compilation cache under ``cache/xla``, unless one is configured already
+  (``JAX_COMPILATION_CACHE_DIR``; ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off)."""
+  options: Any = jax.config  # the flags are attributes pyright cannot see
+  if options.jax_compilation_cache_dir is None and options.jax_enable_compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
+    log(f"compilation cache: {cache / 'xla'}")
+
+
+def _with_forget_quality(result: dict[str, Any], retain_only_ratios: Any) -> dict[str, Any]:
+  """``result`` (an evaluation without forget quality) with it: the retain-only row is its own
+  reference evaluation, not evaluated twice."""
+  ratios = np.asarray(result["per_item"]["forget"]["truth_ratio"])
+  ks = metrics.forget_quality(ratios, np.asarray(retain_only_ratios))
+  return {**result, "forget_quality": ks.pvalue, "ks_statistic": ks.statistic}
+
+
+def _peak_rss_gib() -> float:
+  """This process's peak resident set size so far (Linux / macOS), in GiB."""
+  import resource
+
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def num_updates(preset: str, forget_updates: int, cfg: RunConfig) -> int:
@@ -700,7 +782,7 @@ class Setup:
   data: D.UnlearningData
   tok: Tokenizer
   base: nnx.Module
-  retain_only: nnx.Module
+  retain_only: nnx.Module | None  # dropped once the reference evaluations are done
   mesh: Any
 
 
@@ -709,6 +791,7 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
   data = load_data(cfg)
   log(data.summary())
   cache = _cache_dir(cfg)
+  _use_compilation_cache(cache, log)
   mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
   if mesh is not None:
     log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
@@ -730,12 +813,12 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
   log(data.summary())
   start, tok, key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
   log(pretrained.describe(start, cfg.model, key) + f"; devices: {jax.devices()}")
-  tune = lambda kind, items: tuned_model(
-    kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh
+  tune = lambda kind, items, donate=False: tuned_model(
+    kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh, donate_init=donate
   )
-  return Setup(
-    data, tok, tune("full", data.forget + data.retain), tune("retain", data.retain), mesh
-  )
+  base = tune("full", data.forget + data.retain)
+  # The last use of the pretrained model: the retain-only fine-tune trains its buffers.
+  return Setup(data, tok, base, tune("retain", data.retain, donate=True), mesh)
 
 
 def evaluate(setup: Setup, cfg: RunConfig, model: nnx.Module, ratios=None) -> dict[str, Any]:
@@ -794,6 +877,7 @@ def one_run(
     warmup_steps=cfg.warmup_steps,
     careful_rounding=cfg.careful_rounding,
   )
+  t_eval = time.perf_counter()
   result = {**evaluate(setup, cfg, out.model, ratios), "seed": seed, **out.stability}
   forget_updates = int(np.sum(out.history.objective != 1))
   return {
@@ -801,6 +885,7 @@ def one_run(
     "history": out.history.series(),
     "run": {**out.config, "updates": updates, "forget_updates": forget_updates},
     "seconds": time.perf_counter() - t0,
+    "eval_seconds": time.perf_counter() - t_eval,
   }
 
 
@@ -838,23 +923,42 @@ def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
 
-  ``--task real_world`` / ``safety`` run through the task job
-  (:func:`dualoptim_jax.unlearn.tasks.job.run_task`); ``tofu`` runs here, with sweeps, budgets
-  and the trade-off plot.
+  In a multi-process job every process runs this; process 0 alone logs, shows progress and
+  writes the report (the others return the document without writing it). ``--task real_world`` /
+  ``safety`` run through the task job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`); ``tofu``
+  runs here, with sweeps, budgets and the trade-off plot.
   """
   if cfg.task != "tofu":
     from dualoptim_jax.unlearn.tasks.job import run_task
 
     return run_task(make_task(cfg), cfg, log)
   t_start = time.perf_counter()
+  if not distributed.is_primary():
+    cfg = dataclasses.replace(cfg, progress=False)
+    log = lambda *args, **kwargs: None  # noqa: E731
+  memory.limit_heap_growth()  # freed parameter-sized buffers go back to the system
+  compiled: dict[str, Any] = {}
+  start = compiles.snapshot()
   setup = prepare(cfg, log)
+  after_models = compiles.snapshot()
+  compiled["models"] = after_models.since(start).as_dict()
+  t_eval = time.perf_counter()
+  assert setup.retain_only is not None
   reference = evaluate(setup, cfg, setup.retain_only)
   ratios = reference["per_item"]["forget"]["truth_ratio"]
   references = {
     "Initial": [evaluate(setup, cfg, setup.base, ratios)],
-    "Retain-only": [evaluate(setup, cfg, setup.retain_only, ratios)],
+    "Retain-only": [_with_forget_quality(reference, ratios)],
   }
+  eval_s = time.perf_counter() - t_eval
+  setup.retain_only = None  # not needed any more: its evaluation is done
+  memory.release_freed_memory()
+  after_reference = compiles.snapshot()
+  compiled["reference_eval"] = after_reference.since(after_models).as_dict()
   runs = _sweep_runs(setup, cfg, ratios, log)
+  compiled["runs"] = compiles.snapshot().since(after_reference).as_dict()
+  compiled["total"] = compiles.snapshot().since(start).as_dict()
+  eval_s += sum(r.get("eval_seconds", 0.0) for s in runs.values() for _, rs in s for r in rs)
   results = dict(references)
   histories, curves = {}, {}
   for preset, settings in runs.items():
@@ -880,7 +984,13 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     "tokenizer_vocab": setup.tok.vocab_size,
     "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, {jax.devices()}",
     "wall_s": round(time.perf_counter() - t_start, 1),
+    "evaluation_share": round(eval_s / (time.perf_counter() - t_start), 3),
+    "compiles": compiled,
+    "peak_rss_gib": round(_peak_rss_gib(), 2),
   }
+  if not distributed.is_primary():
+    doc = report.results_json(results, loss_histories=histories, config=config)
+    return json.loads(json.dumps({**doc, **dict(extra or {})}))
   files = report.write_report(
     cfg.out,
     results,
@@ -901,13 +1011,39 @@ def _one_line(message: str) -> str:
   return " ".join([first, "; ".join(rest)]) if rest else first
 
 
+def join_processes(argv: Sequence[str] | None = None) -> distributed.ProcessSetup:
+  """Joins the multi-process job the flags (or the environment) describe, before any JAX work
+  (the flags are validated again with the rest by :func:`parse_args`)."""
+  a, _ = build_parser().parse_known_args(argv)
+  try:
+    to_int = lambda text: None if text is None else int(text)  # noqa: E731
+    timeout = to_int(a.distributed_timeout) or distributed.DEFAULT_TIMEOUT
+    return distributed.initialize(
+      a.coordinator, to_int(a.num_processes), to_int(a.process_id), timeout=timeout
+    )
+  except ValueError as e:
+    print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """The command: exit status 0, or 2 with one line on stderr for a bad flag or input (a data
   file, a model path, a checkpoint of another run). Set ``DUALOPTIM_TRACEBACK=1`` to see the
   traceback of an input error instead."""
+  join_processes(argv)
   cfg = parse_args(argv)
   try:
     run(cfg)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: in a multi-process job, almost always a peer that died.
+    print(
+      f"{PROG}: error: process {jax.process_index()}: a collective with the other processes "
+      f"failed, so one of them has most likely died; stopping ({_one_line(str(e))[:300]})",
+      file=sys.stderr,
+    )
+    return 3
   except (OSError, ValueError) as e:  # DataFormatError and CheckpointMismatchError are ValueErrors
     if os.environ.get("DUALOPTIM_TRACEBACK"):
       raise

@@ -46,6 +46,7 @@ from flax import nnx
 from scipy import special, stats
 
 from dualoptim_jax.models.generate import greedy_generate
+from dualoptim_jax.sharding import host_value
 from dualoptim_jax.unlearn.data import PROMPT_TEMPLATE, collate, encode_qa
 from dualoptim_jax.unlearn.losses import answer_logprobs
 
@@ -602,6 +603,10 @@ def _requests(split: str, items: Sequence[Any]):
   return questions, answers, np.array(gt), np.array(base), pert_idx
 
 
+class NonFiniteOutputError(ValueError):
+  """The evaluated model produced NaN or infinite log-probabilities."""
+
+
 def _batched_avg_logprob(
   logprob_fn: LogprobFn, questions, answers, batch_size: int, bar
 ) -> np.ndarray:
@@ -615,6 +620,12 @@ def _batched_avg_logprob(
   if lp.shape != (len(questions),) or n.shape != (len(questions),):
     raise ValueError(
       f"logprob_fn returned {lp.shape}/{n.shape} values for {len(questions)} answers"
+    )
+  bad = int(np.sum(~np.isfinite(lp)))
+  if bad:
+    raise NonFiniteOutputError(
+      f"the model's outputs are not finite: {bad} of {len(lp)} answer log-probabilities are "
+      "NaN or infinite (diverged training or damaged parameters); no metric is meaningful"
     )
   return _avg_logprob(lp, n)
 
@@ -683,7 +694,9 @@ def model_fns(
     graphdef, state = nnx.split(model)  # split per call: the model may have been updated
     sums = _answer_logprob_sums(graphdef, state, batch["input_ids"], batch["answer_mask"])
     n = len(encoded)
-    return np.asarray(sums, np.float64)[:n], batch["answer_mask"][:n].sum(-1).astype(np.float64)
+    return host_value(sums).astype(np.float64)[:n], batch["answer_mask"][:n].sum(-1).astype(
+      np.float64
+    )
 
   def generate_fn(questions: Sequence[str]) -> list[str]:
     prompts = [

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from dualoptim_jax.sharding import batch_sharding, param_shardings, replicated, state_shardings
+from dualoptim_jax.sharding import (
+  batch_sharding,
+  param_shardings,
+  process_batch,
+  replicated,
+  state_shardings,
+)
 
 __all__ = ["MESH_AXES", "parse_mesh_spec", "make_mesh", "Placement"]
 
@@ -137,13 +143,23 @@ def make_mesh(
 # What a training loop needs, on one device or on a mesh.
 
 
+def _global_put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put`` that also places arrays held on one local device onto shardings that
+  span other processes (JAX refuses those): they go through the host, where every process holds
+  the same value (e.g. a model loaded from a file by each process)."""
+  if jax.process_count() > 1:
+    local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable  # noqa: E731
+    tree = jax.tree.map(lambda x: np.asarray(x) if local(x) else x, tree)
+  return jax.device_put(tree, shardings)
+
+
 def _own_copy(tree: Any, shardings: Any) -> Any:
   """``tree`` on ``shardings`` in fresh buffers (safe to donate).
 
   ``device_put(..., may_alias=False)`` still aliases the source buffer in the
   device-0 shard of a replicated array (jax 0.10), so copy after placing.
   """
-  return jax.tree.map(jnp.copy, jax.device_put(tree, shardings))
+  return jax.tree.map(jnp.copy, _global_put(tree, shardings))
 
 
 class Placement:
@@ -187,7 +203,7 @@ class Placement:
     """Another param-shaped tree (a frozen reference model) laid out like the params."""
     if self.mesh is None or tree is None:
       return tree
-    return jax.device_put(tree, self.param_shardings)
+    return _global_put(tree, self.param_shardings)
 
   def put(self, tree: Any, kind: str) -> Any:
     """A copy of a ``"params"`` or ``"opt_state"`` tree (e.g. restored) in this run's layout."""
@@ -199,7 +215,7 @@ class Placement:
   def replicate(self, tree: Any) -> Any:
     if self.mesh is None:
       return tree
-    return jax.device_put(tree, replicated(self.mesh))
+    return _global_put(tree, replicated(self.mesh))
 
   def init(self, tx: Any, params: Any) -> Any:
     """``tx.init(params)``, sharded like the params on a mesh."""
@@ -227,6 +243,6 @@ class Placement:
       x = np.asarray(x)
       if x.ndim == 0:
         return jax.device_put(x, replicated(self.mesh))
-      return jax.device_put(x, batch_sharding(self.mesh, x.shape[0]))
+      return process_batch(x, batch_sharding(self.mesh, x.shape[0]))
 
     return jax.tree.map(put, batch)

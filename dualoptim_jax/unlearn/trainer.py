@@ -249,6 +249,15 @@ _cached_optimizer = functools.lru_cache(maxsize=32)(make_optimizer)
 # ------------------------------------------------------------------------------------------------
 # The functional core: params split off an NNX module, a jitted step per loss.
 
+# XLA:CPU inserts defensive copies of donated buffers that region-analysis copy insertion proves
+# unneeded: on SmolLM2-135M's DualOptim+ step it cuts the temporaries from 0.71 to 0.55 GiB
+# (benchmarks/README.md, "The real-LM pipeline"). Other backends compile with their defaults.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def _compiler_options() -> dict[str, Any] | None:
+  return _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+
 
 @functools.lru_cache(maxsize=32)
 def _compiled_update(
@@ -286,7 +295,26 @@ def _compiled_update(
     over = sum(jnp.sum(m > 10 * step_size, dtype=jnp.int32) for m in magnitudes)
     return params, opt_state, aux, (largest, over)
 
-  return jax.jit(update, donate_argnums=(0, 1))
+  return jax.jit(update, donate_argnums=(0, 1), compiler_options=_compiler_options())
+
+
+_EXECUTABLES: dict[tuple[Any, ...], Any] = {}
+
+
+def _executable(update: Callable, args: tuple[Any, ...]) -> Any:
+  """``update`` compiled for the shapes of ``args`` (arrays or ``jax.ShapeDtypeStruct``s).
+
+  One compile per distinct program and shapes, shared by every run (preset, seed) that needs
+  it; compiling from shapes lets a run compile before it allocates its optimizer state.
+  """
+  leaves, treedef = jax.tree.flatten(args)
+  key = (update, treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+  if key not in _EXECUTABLES:
+    if len(_EXECUTABLES) >= 64:  # bound the memory held by executables no run needs any more
+      _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+    abstract = [jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)) for x in leaves]
+    _EXECUTABLES[key] = update.lower(*jax.tree.unflatten(treedef, abstract)).compile()
+  return _EXECUTABLES[key]
 
 
 class _Core:
@@ -297,19 +325,42 @@ class _Core:
   one everything stays on the default device. The step is the same code either way.
   """
 
-  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, mesh: Any = None):
+  def __init__(
+    self,
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    mesh: Any = None,
+    *,
+    donate_model: bool = False,
+  ):
     self.placement = Placement(mesh)
     self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    self.source_params = params  # the caller's arrays: never donated
-    # Own buffers, since every step donates them.
-    self.params = self.placement.params(params)
+    if donate_model and mesh is None:
+      # The model's own buffers become the trainer's (the first step donates them): one copy
+      # of the model less. The caller must not use ``model`` afterwards.
+      self.source_params, self.params = None, params
+    else:
+      self.source_params = params  # the caller's arrays: never donated
+      self.params = self.placement.params(params)  # own buffers: every step donates them
     self.rest = self.placement.replicate(rest)
     self.tx = (
       tx
       if isinstance(tx, optax.GradientTransformationExtraArgs)
       else optax.with_extra_args_support(tx)
     )
-    self.opt_state = self.placement.init(self.tx, self.params)
+    # Made at the first step, after that step's program is compiled, so that XLA's compile-time
+    # memory and the optimizer state are not held at the same time (or on first access).
+    self._opt_state: Any = None
+
+  @property
+  def opt_state(self) -> Any:
+    if self._opt_state is None:
+      self._opt_state = self.placement.init(self.tx, self.params)
+    return self._opt_state
+
+  @opt_state.setter
+  def opt_state(self, value: Any) -> None:
+    self._opt_state = value
 
   def step(
     self,
@@ -327,19 +378,30 @@ class _Core:
       tx_kwargs,
       None if self.placement.mesh is None else self.placement,
     )
-    self.params, self.opt_state, aux, stats = update(
-      self.params,
-      self.opt_state,
-      self.rest,
-      ref_params,
-      self.placement.batch(batches),
-      jnp.float32(step_size),
+    batches, size = self.placement.batch(batches), jnp.float32(step_size)
+    if self.placement.mesh is not None:  # sharded layouts: jit places and compiles
+      self.params, self.opt_state, aux, stats = update(
+        self.params, self.opt_state, self.rest, ref_params, batches, size
+      )
+      return aux, stats
+    state = self._opt_state
+    if state is None:  # compile first, then allocate the state
+      state = jax.eval_shape(self.tx.init, self.params)
+    run = _executable(update, (self.params, state, self.rest, ref_params, batches, size))
+    self.params, self._opt_state, aux, stats = run(
+      self.params, self.opt_state, self.rest, ref_params, batches, size
     )
     return aux, stats
 
   def export(self) -> nnx.Module:
     """A new module holding a copy of the current parameters."""
     return nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.params), self.rest)
+
+  def release(self) -> nnx.Module:
+    """A module holding the current parameters themselves (no copy); the core is done after."""
+    model = nnx.merge(self.graphdef, self.params, self.rest)
+    self.params = self._opt_state = None
+    return model
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
@@ -422,6 +484,9 @@ class Unlearner:
     ref_model: frozen reference for NPO / DPO / KL; default: ``model`` as it is now.
     mesh: a ``('data', 'fsdp')`` mesh (:func:`dualoptim_jax.unlearn.placement.make_mesh`) to train
       FSDP-sharded on; None: the default device.
+    donate_model: train ``model``'s own parameter buffers instead of a copy (one device): one
+      copy of the model less in memory, and ``model`` is unusable after the first step. A loss
+      with a reference then needs ``ref_model``.
     step_size: ``(update, objective) -> learning rate`` of ``tx`` (:func:`step_size`), for the
       stability record :attr:`stability`: the largest ``|update| / learning rate`` of any element
       in any update, and how many elements moved more than 10 learning rates (summed over
@@ -443,14 +508,17 @@ class Unlearner:
     ref_model: nnx.Module | None = None,
     mesh: Any = None,
     step_size: Callable[[int, int | None], float] | None = None,
+    donate_model: bool = False,
   ):
     if mode not in ("joint", "alternate"):
       raise ValueError(f"mode must be 'joint' or 'alternate', got {mode!r}")
+    if donate_model and loss.needs_reference and ref_model is None:
+      raise ValueError(f"{loss.name} needs ref_model when the model is donated")
     self.schedule = dj.alternating(forget_steps, retain_steps)  # validates the frequencies
     self.loss = loss
     self.mode = mode
     self.forget_steps, self.retain_steps = forget_steps, retain_steps
-    self._core = _Core(model, tx, mesh)
+    self._core = _Core(model, tx, mesh, donate_model=donate_model)
     self.ref_params = None
     if loss.needs_reference:
       ref = self._core.source_params if ref_model is None else nnx.state(ref_model, nnx.Param)
@@ -544,6 +612,10 @@ class Unlearner:
   def model(self) -> nnx.Module:
     """A new module with the current parameters."""
     return self._core.export()
+
+  def release(self) -> nnx.Module:
+    """The trained model, holding the trainer's own buffers (no copy); the runner is done."""
+    return self._core.release()
 
   @property
   def params(self) -> Any:
@@ -647,6 +719,7 @@ def unlearn(
   progress: bool = True,
   mesh: Any = None,
   checkpointer: CheckpointedRun | None = None,
+  donate_model: bool = False,
   **optimizer_settings: Any,
 ) -> UnlearnResult:
   """Unlearns with a named preset: :func:`make_optimizer` + :class:`Unlearner` + ``run``.
@@ -655,7 +728,8 @@ def unlearn(
   ``weight_decay``, ...); ``decay_steps`` defaults to ``num_updates`` (the learning rate decays
   linearly to 0 over the run, as the Hugging Face ``Trainer`` does). With a ``checkpointer`` (:class:`~dualoptim_jax.unlearn.checkpoint.
   RunCheckpointer`) the run saves and resumes through it. Returns a new model, the loss history
-  and the run's settings (:func:`run_config`); ``model`` is left as it was.
+  and the run's settings (:func:`run_config`); ``model`` is left as it was, unless
+  ``donate_model`` (see :class:`Unlearner`).
   """
   optimizer_settings.setdefault("decay_steps", num_updates)
   # The same transform object for the same settings: runs that differ only in seed share compiled steps.
@@ -675,6 +749,7 @@ def unlearn(
     ref_model=ref_model,
     mesh=mesh,
     step_size=functools.partial(step_size, settings),
+    donate_model=donate_model,
   )
   if checkpointer is None:
     history = runner.run(
@@ -690,7 +765,8 @@ def unlearn(
       progress=progress,
       desc=preset,
     )
-  return UnlearnResult(runner.model, history, config, runner.stability)
+  stability = runner.stability
+  return UnlearnResult(runner.release(), history, config, stability)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -717,18 +793,20 @@ def finetune(
   progress: bool = True,
   desc: str = "fine-tune",
   mesh: Any = None,
+  donate_model: bool = False,
 ) -> FinetuneResult:
   """Fine-tunes on the answer-token NLL (the TOFU fine-tuning loss): the "TOFU-tuned" model on
-  all QA, or the retain-only model on the retain set. Returns a new model; ``model`` is unchanged.
-  ``mesh``: train FSDP-sharded on it (see :class:`Unlearner`).
+  all QA, or the retain-only model on the retain set. Returns a new model; ``model`` is unchanged
+  unless ``donate_model`` (then its buffers are trained, see :class:`Unlearner`). ``mesh``:
+  train FSDP-sharded on it.
   """
   if num_steps < 0:
     raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-  core = _Core(model, tx, mesh)
+  core = _Core(model, tx, mesh, donate_model=donate_model)
   losses = np.empty(num_steps, np.float64)
   with _progress(num_steps, desc, progress) as bar:
     for i in range(num_steps):
       losses[i] = float(core.step(_nll_loss, (), None, next(batches))[0])
       bar.set_postfix(nll=f"{losses[i]:.4g}", refresh=False)
       bar.update()
-  return FinetuneResult(core.export(), losses)
+  return FinetuneResult(core.release(), losses)
