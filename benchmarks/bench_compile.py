@@ -45,7 +45,7 @@ def compile_times(fn, args, options: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=3, help="compilations per program")
   parser.add_argument("--optimizers", default="", help="comma-separated subset")
   parser.add_argument(

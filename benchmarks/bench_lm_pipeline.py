@@ -249,7 +249,7 @@ def time_generation(model: Llama, args, notes: list[str]) -> list[dict[str, Any]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   parser.add_argument("--layers", type=int, default=None, help="keep the first N blocks")
   parser.add_argument("--batch-size", type=int, default=4)
   parser.add_argument("--seq-len", type=int, default=64)

@@ -51,7 +51,7 @@ def bytes_by_dtype(tree: Any) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
   parser.add_argument("--optimizers", default="", help="comma-separated subset")
   parser.add_argument("--out", default=None, help="write the results as JSON here")

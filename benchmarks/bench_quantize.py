@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ def make_variants(block_size: int):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   parser.add_argument("--rows", type=int, default=4096)
   parser.add_argument("--cols", type=int, default=4096)
   parser.add_argument("--block-size", type=int, default=256)
@@ -81,7 +82,7 @@ def main() -> None:
   x = g * jnp.exp(2 * jax.random.normal(jax.random.key(1), shape))
   variants = make_variants(args.block_size)
   # Each variant's carried state (its donated inputs) and fixed inputs.
-  state = dict(
+  state: dict[str, list[Any]] = dict(
     ema_f32=[jnp.zeros(shape)],
     ema_8bit=[qz.quantize_blockwise(jnp.zeros(shape), signed=True, block_size=args.block_size)],
     adam_f32=[jnp.zeros(shape), jnp.zeros(shape)],

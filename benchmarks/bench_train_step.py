@@ -36,11 +36,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dualoptim_jax.models.llama import Llama, LlamaConfig
-
-try:  # the trainer's presets, when this build has the trainer
-  from dualoptim_jax.unlearn import trainer as trainer_lib
-except ImportError:  # pragma: no cover - older builds
-  trainer_lib = None
+from dualoptim_jax.unlearn import trainer as trainer_lib
 
 
 def presets(learning_rate: float) -> tuple[list[tuple[str, Callable, bool]], list[str]]:
@@ -55,10 +51,6 @@ def presets(learning_rate: float) -> tuple[list[tuple[str, Callable, bool]], lis
     )
   ]
   notes = []
-  if trainer_lib is None:
-    notes.append("dualoptim_jax.unlearn.trainer missing: using the bare optimizers")
-    cases, more = common.optimizer_cases(learning_rate=learning_rate)
-    return out + [(c.name, c.make, c.multi_objective) for c in cases[1:]], notes + more
   for name, spec in trainer_lib.PRESETS.items():
     make = lambda name=name: trainer_lib.make_optimizer(
       name, learning_rate, weight_decay=common.WEIGHT_DECAY
@@ -103,7 +95,7 @@ def make_step(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   parser.add_argument("--vocab-size", type=int, default=1024)
   parser.add_argument("--batch-size", type=int, default=4)
   parser.add_argument("--seq-len", type=int, default=256)

@@ -114,7 +114,7 @@ def run_part(name: str, command: list[str], work: pathlib.Path, timeout: float) 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
   parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
   parser.add_argument("--parts", default="update,lm_step,tofu_run")
   parser.add_argument("--dry-run", action="store_true", help="toy size, for a CPU test")

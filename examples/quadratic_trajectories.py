@@ -77,7 +77,7 @@ def pareto_curve(num: int = 200) -> np.ndarray:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   parser.add_argument("--steps", type=int, default=1500)
   parser.add_argument(
     "--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "trajectories.png"

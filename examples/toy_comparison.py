@@ -120,7 +120,7 @@ def unlearn(name, params, xf, xr, yr, steps, lr):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--seed", type=int, default=0)
