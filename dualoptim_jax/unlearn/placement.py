@@ -113,7 +113,7 @@ def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: int) -> dict[str
 def make_mesh(
   spec: str | Mapping[str, int] | None = None,
   *,
-  devices: Sequence[jax.Device] | None = None,
+  devices: Sequence[Any] | None = None,
 ) -> Mesh:
   """A ``('data', 'fsdp')`` mesh of ``Auto`` axes over ``devices`` (default: all).
 
@@ -236,13 +236,14 @@ class Placement:
 
   def batch(self, batch: Any) -> Any:
     """Host batch(es) -> device arrays, rows split over the mesh."""
-    if self.mesh is None:
+    mesh = self.mesh
+    if mesh is None:
       return batch
 
     def put(x):
       x = np.asarray(x)
       if x.ndim == 0:
-        return jax.device_put(x, replicated(self.mesh))
-      return process_batch(x, batch_sharding(self.mesh, x.shape[0]))
+        return jax.device_put(x, replicated(mesh))
+      return process_batch(x, batch_sharding(mesh, x.shape[0]))
 
     return jax.tree.map(put, batch)
