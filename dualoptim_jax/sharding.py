@@ -86,7 +86,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # Parameters.
 
 
-def _axis_size(mesh: Mesh, entry: Any) -> int:
+def _axis_size(mesh: Mesh | AbstractMesh, entry: Any) -> int:
   if entry is None:
     return 1
   names = entry if isinstance(entry, tuple) else (entry,)
