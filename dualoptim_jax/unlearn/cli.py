@@ -837,6 +837,23 @@ def evaluate(setup: Setup, cfg: RunConfig, model: nnx.Module, ratios=None) -> di
   )
 
 
+def recipe(cfg: RunConfig) -> dict[str, Any]:
+  """The keywords of :func:`~dualoptim_jax.unlearn.trainer.unlearn` that every task's runs share:
+  the recipe (learning rates, schedule, clipping, decay, rounding) and the F_f/F_r cycle."""
+  return dict(
+    learning_rate=cfg.lr,
+    forget_steps=cfg.forget_steps,
+    retain_steps=cfg.retain_steps,
+    progress=cfg.progress,
+    forget_lr_scale=cfg.forget_lr_scale,
+    retain_lr_scale=cfg.retain_lr_scale,
+    weight_decay=cfg.weight_decay,
+    max_grad_norm=cfg.max_grad_norm,
+    warmup_steps=cfg.warmup_steps,
+    careful_rounding=cfg.careful_rounding,
+  )
+
+
 def one_run(
   setup: Setup, cfg: RunConfig, preset: str, seed: int, ratios: Any, log=print
 ) -> dict[str, Any]:
@@ -863,19 +880,10 @@ def one_run(
     D.BatchIterator(arrays(data.forget, 2 * seed), cfg.batch_size, seed=2 * seed),
     D.BatchIterator(arrays(data.retain, 2 * seed + 1), cfg.batch_size, seed=2 * seed + 1),
     preset=preset,
-    learning_rate=cfg.lr,
     num_updates=updates,
-    forget_steps=cfg.forget_steps,
-    retain_steps=cfg.retain_steps,
-    progress=cfg.progress,
     mesh=setup.mesh,
     checkpointer=checkpointer,
-    forget_lr_scale=cfg.forget_lr_scale,
-    retain_lr_scale=cfg.retain_lr_scale,
-    weight_decay=cfg.weight_decay,
-    max_grad_norm=cfg.max_grad_norm,
-    warmup_steps=cfg.warmup_steps,
-    careful_rounding=cfg.careful_rounding,
+    **recipe(cfg),
   )
   t_eval = time.perf_counter()
   result = {**evaluate(setup, cfg, out.model, ratios), "seed": seed, **out.stability}
