@@ -911,13 +911,16 @@ def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
       for seed in cfg.seeds:
         path = sweep_lib.record_path(cfg.out, preset, cfg.sweep, value, seed)
         fp = {**run_settings(run_cfg), "preset": preset, "seed": seed, "data": setup.data.name}
-        record = sweep_lib.load_record(path, fp)
+        # Every process decides alike (a record on host 0's disk only means: all run it).
+        finished = distributed.all_true(path.is_file())
+        record = sweep_lib.load_record(path, fp) if finished else None
         name = f"{sweep_lib.label(preset, cfg.sweep, value)} seed {seed}"
         if record is not None:
           log(f"[{name}] finished earlier: {path}")
         else:
           record = {"fingerprint": fp, **one_run(setup, run_cfg, preset, seed, ratios, log)}
-          sweep_lib.save_record(path, record)
+          if distributed.is_primary():  # one writer: the processes hold the same record
+            sweep_lib.save_record(path, record)
           r = record["result"]
           log(
             f"[{name}] UFE {r['forget_efficacy']:.3f}, MU {r['model_utility']:.3f}, "
