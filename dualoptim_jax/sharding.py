@@ -56,7 +56,7 @@ from typing import Any, cast
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from dualoptim_jax.quantize import QuantizedArray
 from dualoptim_jax.storage import absmax_sharding
@@ -86,7 +86,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # Parameters.
 
 
-def _axis_size(mesh: Mesh, entry: Any) -> int:
+def _axis_size(mesh: Mesh | AbstractMesh, entry: Any) -> int:
   if entry is None:
     return 1
   names = entry if isinstance(entry, tuple) else (entry,)
@@ -94,7 +94,7 @@ def _axis_size(mesh: Mesh, entry: Any) -> int:
 
 
 def fit_spec(
-  spec: PartitionSpec | Sequence[Any] | None, shape: Sequence[int], mesh: Mesh
+  spec: PartitionSpec | Sequence[Any] | None, shape: Sequence[int], mesh: Mesh | AbstractMesh
 ) -> PartitionSpec:
   """``spec`` padded to ``len(shape)`` entries, replicating dimensions it cannot split.
 
@@ -119,7 +119,9 @@ def fit_spec(
   return PartitionSpec(*out)
 
 
-def fsdp_specs(params: Any, mesh: Mesh, *, axis: str = "fsdp", min_size: int = 1024) -> Any:
+def fsdp_specs(
+  params: Any, mesh: Mesh | AbstractMesh, *, axis: str = "fsdp", min_size: int = 1024
+) -> Any:
   """FSDP PartitionSpecs for a plain pytree: each leaf split on one dimension.
 
   A leaf with at least ``min_size`` elements is split along ``axis`` on its
@@ -151,7 +153,7 @@ def _annotation(var: Any) -> PartitionSpec:
   return PartitionSpec(*(names or ()))
 
 
-def param_shardings(params: Any, mesh: Mesh, specs: Any = None) -> Any:
+def param_shardings(params: Any, mesh: Mesh | AbstractMesh, specs: Any = None) -> Any:
   """NamedShardings for a parameter tree on ``mesh``.
 
   Args:

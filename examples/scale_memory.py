@@ -50,8 +50,12 @@ def main() -> None:
   bf16 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
   print(f"Llama-3-8B layout: {n / 1e9:.3f}B parameters, bf16 weights {2 * n / GIB:.1f} GiB")
   optimizers = {
-    "one fp32 Adam state": lambda: dj.dualoptim(1e-5, mu_dtype=jnp.float32, num_objectives=1),
-    "dualoptim_plus fp32": lambda: dj.dualoptim_plus(1e-5, mu_dtype=jnp.float32),
+    "one fp32 Adam state": lambda: dj.dualoptim(
+      1e-5, num_objectives=1, storage=dj.state_storage(dtype=jnp.float32)
+    ),
+    "dualoptim_plus fp32": lambda: dj.dualoptim_plus(
+      1e-5, storage=dj.state_storage(dtype=jnp.float32)
+    ),
     "dualoptim_plus 8-bit": lambda: dj.dualoptim_plus(1e-5, state_bits=8),
   }
   states = {}

@@ -49,3 +49,17 @@ def test_public_api_is_exported_and_helpers_are_not():
     assert name in dj.__all__, name
   for helper in ("check_decay", "is_traced", "adam_storage", "check_eps", "float_codec"):
     assert helper not in dj.__all__ and not hasattr(dj, helper), helper
+
+
+def test_no_function_is_over_80_lines_unless_its_docstring_says_why():
+  import ast
+
+  long = []
+  for path in sorted((ROOT / "dualoptim_jax").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        lines = (node.end_lineno or node.lineno) - node.lineno + 1
+        why = "long because" in (ast.get_docstring(node) or "").lower()
+        if lines > 80 and not why:
+          long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+  assert not long, long

@@ -837,6 +837,23 @@ def evaluate(setup: Setup, cfg: RunConfig, model: nnx.Module, ratios=None) -> di
   )
 
 
+def recipe(cfg: RunConfig) -> dict[str, Any]:
+  """The keywords of :func:`~dualoptim_jax.unlearn.trainer.unlearn` that every task's runs share:
+  the recipe (learning rates, schedule, clipping, decay, rounding) and the F_f/F_r cycle."""
+  return dict(
+    learning_rate=cfg.lr,
+    forget_steps=cfg.forget_steps,
+    retain_steps=cfg.retain_steps,
+    progress=cfg.progress,
+    forget_lr_scale=cfg.forget_lr_scale,
+    retain_lr_scale=cfg.retain_lr_scale,
+    weight_decay=cfg.weight_decay,
+    max_grad_norm=cfg.max_grad_norm,
+    warmup_steps=cfg.warmup_steps,
+    careful_rounding=cfg.careful_rounding,
+  )
+
+
 def one_run(
   setup: Setup, cfg: RunConfig, preset: str, seed: int, ratios: Any, log=print
 ) -> dict[str, Any]:
@@ -863,19 +880,10 @@ def one_run(
     D.BatchIterator(arrays(data.forget, 2 * seed), cfg.batch_size, seed=2 * seed),
     D.BatchIterator(arrays(data.retain, 2 * seed + 1), cfg.batch_size, seed=2 * seed + 1),
     preset=preset,
-    learning_rate=cfg.lr,
     num_updates=updates,
-    forget_steps=cfg.forget_steps,
-    retain_steps=cfg.retain_steps,
-    progress=cfg.progress,
     mesh=setup.mesh,
     checkpointer=checkpointer,
-    forget_lr_scale=cfg.forget_lr_scale,
-    retain_lr_scale=cfg.retain_lr_scale,
-    weight_decay=cfg.weight_decay,
-    max_grad_norm=cfg.max_grad_norm,
-    warmup_steps=cfg.warmup_steps,
-    careful_rounding=cfg.careful_rounding,
+    **recipe(cfg),
   )
   t_eval = time.perf_counter()
   result = {**evaluate(setup, cfg, out.model, ratios), "seed": seed, **out.stability}
@@ -923,6 +931,36 @@ def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
   return out
 
 
+def _reference_rows(setup: Setup, cfg: RunConfig) -> tuple[dict[str, list], Any]:
+  """The Initial and Retain-only rows, and the retain-only forget truth ratios (forget quality's
+  reference). The retain-only model is dropped afterwards: nothing else needs it."""
+  assert setup.retain_only is not None
+  reference = evaluate(setup, cfg, setup.retain_only)
+  ratios = reference["per_item"]["forget"]["truth_ratio"]
+  references = {
+    "Initial": [evaluate(setup, cfg, setup.base, ratios)],
+    "Retain-only": [_with_forget_quality(reference, ratios)],
+  }
+  setup.retain_only = None
+  memory.release_freed_memory()
+  return references, ratios
+
+
+def _tabulate(references: dict[str, list], runs: dict[str, list], cfg: RunConfig):
+  """Rows of the report (one per preset and swept value), their loss histories, and the
+  trade-off plot's curves (one per preset, through its sweep values)."""
+  results = dict(references)
+  histories, curves = {}, {}
+  for preset, settings in runs.items():
+    curves[preset] = []
+    for value, records in settings:
+      row = sweep_lib.label(preset, cfg.sweep, value)
+      results[row] = [{**r["result"], "run": r["run"]} for r in records]
+      histories[row] = [r["history"] for r in records]
+      curves[preset].append((row.removeprefix(preset).strip(" []") or preset, results[row]))
+  return results, histories, curves
+
+
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
 
@@ -946,31 +984,15 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   after_models = compiles.snapshot()
   compiled["models"] = after_models.since(start).as_dict()
   t_eval = time.perf_counter()
-  assert setup.retain_only is not None
-  reference = evaluate(setup, cfg, setup.retain_only)
-  ratios = reference["per_item"]["forget"]["truth_ratio"]
-  references = {
-    "Initial": [evaluate(setup, cfg, setup.base, ratios)],
-    "Retain-only": [_with_forget_quality(reference, ratios)],
-  }
+  references, ratios = _reference_rows(setup, cfg)
   eval_s = time.perf_counter() - t_eval
-  setup.retain_only = None  # not needed any more: its evaluation is done
-  memory.release_freed_memory()
   after_reference = compiles.snapshot()
   compiled["reference_eval"] = after_reference.since(after_models).as_dict()
   runs = _sweep_runs(setup, cfg, ratios, log)
   compiled["runs"] = compiles.snapshot().since(after_reference).as_dict()
   compiled["total"] = compiles.snapshot().since(start).as_dict()
   eval_s += sum(r.get("eval_seconds", 0.0) for s in runs.values() for _, rs in s for r in rs)
-  results = dict(references)
-  histories, curves = {}, {}
-  for preset, settings in runs.items():
-    curves[preset] = []
-    for value, records in settings:
-      row = sweep_lib.label(preset, cfg.sweep, value)
-      results[row] = [{**r["result"], "run": r["run"]} for r in records]
-      histories[row] = [r["history"] for r in records]
-      curves[preset].append((row.removeprefix(preset).strip(" []") or preset, results[row]))
+  results, histories, curves = _tabulate(references, runs, cfg)
   best = sweep_lib.best_settings(
     {p: [(v, [r["result"] for r in recs]) for v, recs in s] for p, s in runs.items()}, ratios
   )

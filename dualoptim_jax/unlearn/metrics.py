@@ -480,6 +480,28 @@ def _extra(name: str) -> ExtraMetric:
 # Running the evaluation.
 
 
+def _score_split(
+  avg: np.ndarray, indices: tuple, outputs: SplitOutputs, extra_metrics: Sequence[str]
+) -> tuple[SplitScores, dict[str, list]]:
+  """One split's scores from its answers' mean log-probabilities and its generations."""
+  gt_idx, base_idx, pert_idx = indices
+  pert = np.where(pert_idx >= 0, avg[np.maximum(pert_idx, 0)], np.nan)
+  if outputs.split in _OPTION_NORMALISED:
+    prob = option_normalized_probs(avg[gt_idx], pert)
+  else:
+    prob = np.exp(avg[gt_idx])
+  ratio = truth_ratios(avg[base_idx], pert)
+  extras = {n: np.asarray(_extra(n).fn(outputs), np.float64) for n in extra_metrics}
+  per_item = {
+    "prob": prob.tolist(),
+    "rouge": outputs.rouge.tolist(),
+    "truth_ratio": ratio.tolist(),
+    "generation": list(outputs.generations),
+    **{name: values.tolist() for name, values in extras.items()},
+  }
+  return SplitScores(prob, outputs.rouge, ratio, extras), per_item
+
+
 def evaluate_with(
   logprob_fn: LogprobFn,
   generate_fn: GenerateFn,
@@ -538,27 +560,15 @@ def evaluate_with(
   per_item: dict[str, dict[str, list]] = {}
   try:
     for split, its in items.items():
-      questions, answers, gt_idx, base_idx, pert_idx = requests[split]
       bar.set_postfix(split=split)
-      avg = _batched_avg_logprob(logprob_fn, questions, answers, batch_size, bar)
+      avg = _batched_avg_logprob(logprob_fn, *requests[split][:2], batch_size, bar)
       gens = _batched_generate(generate_fn, [it.question for it in its], batch_size, bar)
-      pert = np.where(pert_idx >= 0, avg[np.maximum(pert_idx, 0)], np.nan)
-      if split in _OPTION_NORMALISED:
-        prob = option_normalized_probs(avg[gt_idx], pert)
-      else:
-        prob = np.exp(avg[gt_idx])
-      ratio = truth_ratios(avg[base_idx], pert)
-      rouge = rouge_l_recall(gens, [it.answer for it in its])
-      outputs = SplitOutputs(split, its, gens, rouge, tokenizer)
-      extras = {n: np.asarray(_extra(n).fn(outputs), np.float64) for n in extra_metrics}
-      scores[split] = SplitScores(prob, rouge, ratio, extras)
-      per_item[split] = {
-        "prob": prob.tolist(),
-        "rouge": rouge.tolist(),
-        "truth_ratio": ratio.tolist(),
-        "generation": list(gens),
-        **{name: values.tolist() for name, values in extras.items()},
-      }
+      outputs = SplitOutputs(
+        split, its, gens, rouge_l_recall(gens, [it.answer for it in its]), tokenizer
+      )
+      scores[split], per_item[split] = _score_split(
+        avg, requests[split][2:], outputs, extra_metrics
+      )
   finally:
     bar.close()
 

@@ -215,6 +215,26 @@ def _options_set(
   return [QAItem(facts[i][0], facts[i][1], perturbed_answers=tuple(facts[i][2:])) for i in chosen]
 
 
+def _author_items(name: str, template_ids: np.ndarray, rng: np.random.Generator) -> list[QAItem]:
+  """One author's QA items: a value per attribute, each template filled with it."""
+  values = {attr: pool[rng.integers(len(pool))] for attr, pool in _POOLS.items()}
+  items = []
+  for t in sorted(template_ids):
+    attr, q, a, pq, pa = _TEMPLATES[t]
+    wrong = [v for v in _POOLS[attr] if v != values[attr]]
+    picks = rng.permutation(len(wrong))[:5]
+    items.append(
+      QAItem(
+        question=q.format(name=name),
+        answer=a.format(name=name, v=values[attr]),
+        paraphrased_answer=pa.format(name=name, v=values[attr]),
+        perturbed_answers=tuple(pa.format(name=name, v=wrong[j]) for j in picks),
+        paraphrased_question=pq.format(name=name),
+      )
+    )
+  return items
+
+
 def synthetic_tofu(
   seed: int = 0,
   n_authors: int = 20,
@@ -272,24 +292,7 @@ def synthetic_tofu(
   name_ids = rng.permutation(max_authors)[:n_authors]
   names = [f"{_FIRST[i % len(_FIRST)]} {_LAST[i // len(_FIRST)]}" for i in name_ids]
   template_ids = rng.permutation(len(_TEMPLATES))[:qa_per_author]
-  authors = []
-  for name in names:
-    values = {attr: pool[rng.integers(len(pool))] for attr, pool in _POOLS.items()}
-    items = []
-    for t in sorted(template_ids):
-      attr, q, a, pq, pa = _TEMPLATES[t]
-      wrong = [v for v in _POOLS[attr] if v != values[attr]]
-      picks = rng.permutation(len(wrong))[:5]
-      items.append(
-        QAItem(
-          question=q.format(name=name),
-          answer=a.format(name=name, v=values[attr]),
-          paraphrased_answer=pa.format(name=name, v=values[attr]),
-          perturbed_answers=tuple(pa.format(name=name, v=wrong[j]) for j in picks),
-          paraphrased_question=pq.format(name=name),
-        )
-      )
-    authors.append(items)
+  authors = [_author_items(name, template_ids, rng) for name in names]
 
   order = rng.permutation(n_authors)
   forget_authors = [authors[i] for i in sorted(order[:n_forget])]

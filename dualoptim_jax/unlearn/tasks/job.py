@@ -71,6 +71,40 @@ def _write_per_item(path: Path, results: dict[str, list[dict[str, Any]]]) -> Pat
   return path
 
 
+def _one_run(
+  task: Task, cfg: Any, base, tok, preset: str, seed: int, forget_updates: int, mesh, log
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Unlearns with ``preset`` and ``seed`` on ``task`` and evaluates: (result, loss history)."""
+  from dualoptim_jax.unlearn import cli
+
+  batches0, batches1 = task.batches(tok, seed)
+  path = _checkpoint_dir(cfg, task, preset, seed)
+  checkpointer = None
+  if path is not None:
+    checkpointer = RunCheckpointer(
+      path,
+      every=cfg.checkpoint_every,
+      keep=cfg.keep_checkpoints,
+      resume=cfg.resume,
+      fingerprint_extra=_fingerprint(cli, cfg, task, tok, seed),
+      log=log,
+    )
+  out = unlearn(
+    base,
+    task.objective,
+    batches0,
+    batches1,
+    preset=preset,
+    num_updates=cli.num_updates(preset, forget_updates, cfg),
+    mesh=mesh,
+    checkpointer=checkpointer,
+    **cli.recipe(cfg),
+  )
+  res = {**task.evaluate(out.model, tok), "seed": seed, **out.stability}
+  log(f"[{preset} seed {seed}] {task.describe_run(res)}")
+  return res, out.history.series()
+
+
 def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   """Runs the comparison of ``cfg`` on ``task`` and writes the report; returns results.json."""
   from dualoptim_jax.unlearn import cli  # the TOFU job's model cache and update counts
@@ -113,40 +147,9 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
     results[preset], histories[preset] = [], []
     t0 = time.perf_counter()
     for seed in cfg.seeds:
-      batches0, batches1 = task.batches(tok, seed)
-      path = _checkpoint_dir(cfg, task, preset, seed)
-      checkpointer = None
-      if path is not None:
-        checkpointer = RunCheckpointer(
-          path,
-          every=cfg.checkpoint_every,
-          keep=cfg.keep_checkpoints,
-          resume=cfg.resume,
-          fingerprint_extra=_fingerprint(cli, cfg, task, tok, seed),
-          log=log,
-        )
-      out = unlearn(
-        base,
-        task.objective,
-        batches0,
-        batches1,
-        preset=preset,
-        learning_rate=cfg.lr,
-        num_updates=cli.num_updates(preset, forget_updates, cfg),
-        forget_steps=cfg.forget_steps,
-        retain_steps=cfg.retain_steps,
-        progress=cfg.progress,
-        mesh=mesh,
-        checkpointer=checkpointer,
-        forget_lr_scale=cfg.forget_lr_scale,
-        retain_lr_scale=cfg.retain_lr_scale,
-        weight_decay=cfg.weight_decay,
-      )
-      res = task.evaluate(out.model, tok)
-      res["seed"] = seed
+      res, history = _one_run(task, cfg, base, tok, preset, seed, forget_updates, mesh, log)
       results[preset].append(res)
-      histories[preset].append(out.history.series())
-      log(f"[{preset} seed {seed}] {task.describe_run(res)}")
+      histories[preset].append(history)
     timings[f"{preset}_s"] = time.perf_counter() - t0
 
   timings["total_s"] = time.perf_counter() - t_start
