@@ -237,11 +237,12 @@ _PERTURBED = {
 _OPTIONS = {**_QA, "perturbed_answer": "list[str]"}
 
 
-def _qa_items(rows: Sequence[Mapping[str, Any]]) -> list[QAItem]:
+def qa_items(rows: Sequence[Mapping[str, Any]], answer: str = "answer") -> list[QAItem]:
+  """Rows of a QA file as :class:`QAItem` s, the answer read from field ``answer``."""
   return [
     QAItem(
       question=r["question"],
-      answer=r["answer"],
+      answer=r[answer],
       paraphrased_answer=r.get("paraphrased_answer"),
       perturbed_answers=tuple(r.get("perturbed_answer", ())),
       paraphrased_question=r.get("paraphrased_question"),
@@ -309,12 +310,12 @@ def load_tofu(data_dir: str | Path, split: str = "forget01", task_id: int = 1) -
     if r["task_id"] == task_id
   ]
   return UnlearningData(
-    forget=_qa_items(forget),
-    retain=_qa_items(retain),
-    forget_eval=_qa_items(forget_eval),
-    retain_eval=_qa_items(load_jsonl(root / "retain_perturbed.json", _PERTURBED)),
-    real_authors=_qa_items(load_jsonl(root / "real_authors_perturbed.json", _OPTIONS)),
-    world_facts=_qa_items(load_jsonl(root / "world_facts_perturbed.json", _OPTIONS)),
+    forget=qa_items(forget),
+    retain=qa_items(retain),
+    forget_eval=qa_items(forget_eval),
+    retain_eval=qa_items(load_jsonl(root / "retain_perturbed.json", _PERTURBED)),
+    real_authors=qa_items(load_jsonl(root / "real_authors_perturbed.json", _OPTIONS)),
+    world_facts=qa_items(load_jsonl(root / "world_facts_perturbed.json", _OPTIONS)),
     idk_answers=_find_idk(root, root.parent),
     name=f"tofu/{split}/task{task_id}",
   )
@@ -346,14 +347,14 @@ def load_real_world(data_dir: str | Path, task_id: int | None = None) -> Unlearn
   tofu = root.parent / "tofu"
   has_tofu = (tofu / "real_authors_perturbed.json").is_file()
   return UnlearningData(
-    forget=_qa_items(forget),
-    retain=_qa_items(load_jsonl(root / "neighbor.json", _QA)),
-    forget_eval=_qa_items(forget_eval),
-    retain_eval=_qa_items(load_jsonl(root / "neighbor_perturbed.json", _PERTURBED)),
-    real_authors=_qa_items(load_jsonl(tofu / "real_authors_perturbed.json", _OPTIONS))
+    forget=qa_items(forget),
+    retain=qa_items(load_jsonl(root / "neighbor.json", _QA)),
+    forget_eval=qa_items(forget_eval),
+    retain_eval=qa_items(load_jsonl(root / "neighbor_perturbed.json", _PERTURBED)),
+    real_authors=qa_items(load_jsonl(tofu / "real_authors_perturbed.json", _OPTIONS))
     if has_tofu
     else [],
-    world_facts=_qa_items(load_jsonl(tofu / "world_facts_perturbed.json", _OPTIONS))
+    world_facts=qa_items(load_jsonl(tofu / "world_facts_perturbed.json", _OPTIONS))
     if has_tofu
     else [],
     idk_answers=_find_idk(root, root.parent),

@@ -36,16 +36,7 @@ _PERTURBED = {
 
 
 def _items(rows: list[dict[str, Any]]) -> list[D.QAItem]:
-  return [
-    D.QAItem(
-      question=r["question"],
-      answer=r["golden_answer"],
-      paraphrased_answer=r.get("paraphrased_answer"),
-      perturbed_answers=tuple(r.get("perturbed_answer", ())),
-      paraphrased_question=r.get("paraphrased_question"),
-    )
-    for r in rows
-  ]
+  return D.qa_items(rows, answer="golden_answer")
 
 
 def load_real_world_task(data_dir: str | Path, task_id: int | None = None) -> D.UnlearningData:
