@@ -854,6 +854,15 @@ def recipe(cfg: RunConfig) -> dict[str, Any]:
   )
 
 
+def objective(cfg: RunConfig, preset: str) -> Any:
+  """The run's loss. ``joint`` has one learning rate for both objectives, so there the lr scales
+  weight the losses instead: to first order (SGD) a forget step at ``lr * s`` and a forget loss
+  weighted ``s`` move the parameters alike, which keeps a ``forget_lr_scale`` sweep meaningful
+  for every preset."""
+  f, r = (cfg.forget_lr_scale, cfg.retain_lr_scale) if PRESETS[preset].mode == "joint" else (1, 1)
+  return make_objective(cfg.loss, cfg.forget_coef * f, cfg.retain_coef * r, cfg.beta)
+
+
 def one_run(
   setup: Setup, cfg: RunConfig, preset: str, seed: int, ratios: Any, log=print
 ) -> dict[str, Any]:
@@ -876,7 +885,7 @@ def one_run(
   updates = budget(preset, cfg, len(data.forget))
   out = unlearn(
     setup.base,
-    make_objective(cfg.loss, cfg.forget_coef, cfg.retain_coef, cfg.beta),
+    objective(cfg, preset),
     D.BatchIterator(arrays(data.forget, 2 * seed), cfg.batch_size, seed=2 * seed),
     D.BatchIterator(arrays(data.retain, 2 * seed + 1), cfg.batch_size, seed=2 * seed + 1),
     preset=preset,
@@ -899,36 +908,43 @@ def one_run(
 
 def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
   """Every (preset, value, seed) record, loaded if finished, else run and written at once:
-  ``{preset: [(value, [records])]}``."""
-  out: dict[str, list[tuple[float | None, list[dict[str, Any]]]]] = {}
-  for preset in cfg.presets:
-    out[preset] = []
-    for value in sweep_lib.sweep_values(cfg.sweep):
-      run_cfg = cfg
-      if cfg.sweep is not None and value is not None:
-        run_cfg = dataclasses.replace(cfg, **{cfg.sweep[0]: value})
-      records = []
-      for seed in cfg.seeds:
-        path = sweep_lib.record_path(cfg.out, preset, cfg.sweep, value, seed)
-        fp = {**run_settings(run_cfg), "preset": preset, "seed": seed, "data": setup.data.name}
-        # Every process decides alike (a record on host 0's disk only means: all run it).
-        finished = distributed.all_true(path.is_file())
-        record = sweep_lib.load_record(path, fp) if finished else None
-        name = f"{sweep_lib.label(preset, cfg.sweep, value)} seed {seed}"
-        if record is not None:
-          log(f"[{name}] finished earlier: {path}")
-        else:
-          record = {"fingerprint": fp, **one_run(setup, run_cfg, preset, seed, ratios, log)}
-          if distributed.is_primary():  # one writer: the processes hold the same record
-            sweep_lib.save_record(path, record)
-          r = record["result"]
-          log(
-            f"[{name}] UFE {r['forget_efficacy']:.3f}, MU {r['model_utility']:.3f}, "
-            f"max |update|/lr {r['max_update_ratio']:.3g} ({record['seconds']:.0f}s)"
-          )
-        records.append(record)
-      out[preset].append((value, records))
-  return out
+  ``{preset: [(value, [records])]}``. Seeds are the outer loop, so a sweep stopped part-way has
+  the same seeds for every preset and value."""
+  values = sweep_lib.sweep_values(cfg.sweep)
+  records: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+  for seed in cfg.seeds:
+    for preset in cfg.presets:
+      for value in values:
+        run = _sweep_run(setup, cfg, preset, value, seed, ratios, log)
+        records.setdefault((preset, value), []).append(run)
+  return {p: [(v, records[p, v]) for v in values] for p in cfg.presets}
+
+
+def _sweep_run(
+  setup: Setup, cfg: RunConfig, preset: str, value: Any, seed: int, ratios: Any, log=print
+) -> dict[str, Any]:
+  """One (preset, value, seed) record: loaded if it is finished, else run and written."""
+  run_cfg = cfg
+  if cfg.sweep is not None and value is not None:
+    run_cfg = dataclasses.replace(cfg, **{cfg.sweep[0]: value})
+  path = sweep_lib.record_path(cfg.out, preset, cfg.sweep, value, seed)
+  fp = {**run_settings(run_cfg), "preset": preset, "seed": seed, "data": setup.data.name}
+  # Every process decides alike (a record on host 0's disk only means: all run it).
+  finished = distributed.all_true(path.is_file())
+  record = sweep_lib.load_record(path, fp) if finished else None
+  name = f"{sweep_lib.label(preset, cfg.sweep, value)} seed {seed}"
+  if record is not None:
+    log(f"[{name}] finished earlier: {path}")
+    return record
+  record = {"fingerprint": fp, **one_run(setup, run_cfg, preset, seed, ratios, log)}
+  if distributed.is_primary():  # one writer: the processes hold the same record
+    sweep_lib.save_record(path, record)
+  r = record["result"]
+  log(
+    f"[{name}] UFE {r['forget_efficacy']:.3f}, MU {r['model_utility']:.3f}, "
+    f"max |update|/lr {r['max_update_ratio']:.3g} ({record['seconds']:.0f}s)"
+  )
+  return record
 
 
 def _reference_rows(setup: Setup, cfg: RunConfig) -> tuple[dict[str, list], Any]:
