@@ -18,7 +18,13 @@ the heartbeat after which the coordination service declares a silent process dea
 seconds (the runtime terminates them with "the JAX distributed service detected fatal errors";
 a collective with the dead peer fails at once with a ``JaxRuntimeError``) instead of hanging.
 
-On CPU the cross-process collectives are Gloo's (``jax_cpu_collectives_implementation``).
+On CPU the cross-process collectives are Gloo's (``jax_cpu_collectives_implementation``). A job of
+*one* process that is given a coordinator (``--num-processes 1``, ``launch -n 1``) joins too, and
+so uses Gloo's collectives as well: Gloo reduces over the devices in the same order whichever
+process holds them, so such a run is bitwise the multi-process one (measured: the final parameters
+of the 2-process and the 1-process job are equal, ``tests/test_multiprocess.py``). XLA's in-process
+collectives, which a plain single process uses, sum in another order (last-bit differences that
+training amplifies; docs/scale.md).
 """
 
 from __future__ import annotations
@@ -150,8 +156,6 @@ def initialize(
     raise ValueError(f"timeout must be an int >= 1 (seconds), got {timeout!r}")
   setup = resolve(coordinator, num_processes, process_id)
   if not setup.distributed or jax.distributed.is_initialized():
-    return setup
-  if setup.num_processes == 1:  # one process of one: nothing to join
     return setup
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
