@@ -32,6 +32,8 @@ __all__ = [
   "parse_sweep",
   "sweep_values",
   "label",
+  "swept_value",
+  "setting_dir",
   "record_path",
   "load_record",
   "save_record",
@@ -62,12 +64,22 @@ def label(preset: str, sweep: Sweep | None, value: float | None) -> str:
   return preset if sweep is None or value is None else f"{preset} [{sweep[0]}={value:g}]"
 
 
+def swept_value(cfg: Any) -> float | None:
+  """The value of the swept flag in a run's config (one the sweep made, with ``name=value``
+  replaced), or None without ``--sweep``."""
+  return None if cfg.sweep is None else getattr(cfg, cfg.sweep[0])
+
+
+def setting_dir(preset: str, sweep: Sweep | None, value: float | None) -> Path:
+  """``<preset>[/<name>=<value>]``: where one setting's runs go, below ``OUT/runs`` (records)
+  and ``--checkpoint-dir`` (checkpoints), so no two settings share a file."""
+  base = Path(preset)
+  return base if sweep is None or value is None else base / f"{sweep[0]}={value:g}"
+
+
 def record_path(out: str | Path, preset: str, sweep: Sweep | None, value: float | None, seed: int):
   """``OUT/runs/<preset>[/<name>=<value>]/seed<k>.json``."""
-  base = Path(out) / "runs" / preset
-  if sweep is not None and value is not None:
-    base = base / f"{sweep[0]}={value:g}"
-  return base / f"seed{seed}.json"
+  return Path(out) / "runs" / setting_dir(preset, sweep, value) / f"seed{seed}.json"
 
 
 def load_record(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
