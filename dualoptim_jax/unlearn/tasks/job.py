@@ -94,6 +94,7 @@ def _initial_rows(task: Task, cfg: Any, mesh, log) -> tuple[dict[str, Any], Toke
   from dualoptim_jax.unlearn import cli  # the TOFU job's model cache
 
   cache = cli._cache_dir(cfg)
+  cli._use_compilation_cache(cache, log)
   start, tok, start_key = _start(task, cfg, cache, log)
 
   def tune(kind: str, items):
