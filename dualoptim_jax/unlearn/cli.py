@@ -32,7 +32,7 @@ Every error prints one line (``dualoptim-unlearn: error: ...``) and exits with s
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
 (:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
-``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
+``DIR/<preset>/seed<k>`` (``DIR/<preset>/<name>=<value>/seed<k>`` in a sweep) every ``--checkpoint-every`` updates and at its end, and ``--resume``
 continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
 
 Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process-id I`` join JAX's
@@ -384,7 +384,8 @@ class RunConfig:
   )
   checkpoint_dir: str | None = flag(
     None,
-    "checkpoint each unlearning run under DIR/<preset>/seed<k> (orbax)",
+    "checkpoint each unlearning run under DIR/<preset>[/<name>=<value> of --sweep]/seed<k> "
+    "(orbax; DIR/<task>/... for real_world and safety)",
     group=DEVICES,
     run_setting=False,
   )
@@ -1057,8 +1058,10 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
 
   In a multi-process job every process runs this; process 0 alone logs, shows progress and
   writes the report (the others return the document without writing it). ``--task real_world`` /
-  ``safety`` run through the task job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`); ``tofu``
-  runs here, with sweeps, budgets and the trade-off plot.
+  ``safety`` run through the task job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`), with
+  the same sweep, records, budgets and loss weighting (:func:`sweep_runs`,
+  :func:`unlearn_and_evaluate`); ``tofu`` runs here and adds the best setting per method on
+  the validation / test halves and the paired comparison.
   """
   if cfg.task != "tofu":
     from dualoptim_jax.unlearn.tasks.job import run_task

@@ -1,6 +1,7 @@
 """Sweeps of the main job: one record per (preset, swept value, seed), written as it finishes.
 
-``dualoptim-unlearn --sweep forget_lr_scale=0.5,1,2`` runs every preset and seed at each value.
+``dualoptim-unlearn --sweep forget_lr_scale=0.5,1,2`` runs every preset and seed at each value, for
+every ``--task`` (the loop: :func:`dualoptim_jax.unlearn.cli.sweep_runs`).
 Each run's record, its evaluation (per-item outputs included), loss history, optimizer settings
 and stability, is written to ``OUT/runs/<preset>/<name>=<value>/seed<k>.json`` the moment the run
 ends, with a fingerprint of every setting that shapes it; rerunning the same command loads the
