@@ -31,9 +31,10 @@ parser, the ``--help`` text, the validation and the match of finished runs all r
 Every error prints one line (``dualoptim-unlearn: error: ...``) and exits with status 2.
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
-(:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
-``DIR/<preset>/seed<k>`` (``DIR/<preset>/<name>=<value>/seed<k>`` in a sweep) every ``--checkpoint-every`` updates and at its end, and ``--resume``
-continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
+(:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning
+run under ``DIR/<preset>/seed<k>`` (``DIR/<preset>/<name>=<value>/seed<k>`` in a sweep) every
+``--checkpoint-every`` updates and at its end, and ``--resume`` continues every run from its
+latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
 
 Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process-id I`` join JAX's
 multi-process runtime (:mod:`dualoptim_jax.unlearn.distributed`; without them SLURM and TPU pods
