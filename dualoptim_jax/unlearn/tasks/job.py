@@ -63,7 +63,7 @@ def _write_per_item(path: Path, results: dict[str, list[dict[str, Any]]]) -> Pat
   return path
 
 
-def _run_fn(task: Task, cfg: Any, base, tok: Tokenizer, mesh, log):
+def _run_fn(task: Task, base, tok: Tokenizer, mesh, log):
   """``run(run_cfg, preset, seed) -> record``: one unlearning run of ``task`` from ``base``
   (:func:`~dualoptim_jax.unlearn.cli.unlearn_and_evaluate`, the TOFU job's run), checkpointed
   under ``--checkpoint-dir``/<task>."""
@@ -151,7 +151,7 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
     log(f"[{name}] {task.describe_run(runs[0])}")
   timings["reference_eval_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  run = _run_fn(task, cfg, base, tok, mesh, log)
+  run = _run_fn(task, base, tok, mesh, log)
   runs = cli.sweep_runs(cfg, run, data=task.data_name, describe=task.describe_run, log=log)
   timings["runs_s"] = time.perf_counter() - t0
   results, histories, curves = cli.tabulate(references, runs, cfg)
