@@ -1,5 +1,6 @@
 """Tests for dualoptim_jax.unlearn.cli: flags, model cache, and tiny end-to-end runs."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -260,3 +261,55 @@ def test_sweep_writes_tradeoff_and_confidence_intervals_and_reruns_skip_finished
   assert json.loads((out / "results.json").read_text())["rows"] == first
   assert cli.main(argv + ["--lr", "1e-3"]) == 2  # other settings never overwrite a record
   assert "was written by a run with other settings (lr 0.0003 -> 0.001)" in capsys.readouterr().err
+
+
+def test_sweep_runs_records_every_run_once_for_any_run_function(tmp_path):
+  """The sweep of every task: seed-major runs, one record each under OUT/runs, none run twice."""
+  cfg = cli.RunConfig(
+    presets=("joint", "alternate"), seeds=(0, 1), sweep=("lr", (1e-4, 1e-3)), out=str(tmp_path)
+  )
+  calls, logs = [], []
+
+  def run(run_cfg, preset, seed):
+    calls.append((seed, preset, run_cfg.lr))
+    return {"result": {"lr": run_cfg.lr, "max_update_ratio": 1.0}, "seconds": 0.0}
+
+  sweep = lambda data: cli.sweep_runs(cfg, run, data=data, describe=str, log=logs.append)  # noqa: E731
+  runs = sweep("d")
+  assert calls == [(s, p, v) for s in (0, 1) for p in ("joint", "alternate") for v in (1e-4, 1e-3)]
+  assert list(runs) == ["joint", "alternate"]
+  for settings in runs.values():
+    assert [v for v, _ in settings] == [1e-4, 1e-3]
+    assert all([r["result"]["lr"] for r in records] == [v, v] for v, records in settings)
+  assert len(list((tmp_path / "runs").rglob("seed*.json"))) == 8
+  assert (tmp_path / "runs" / "alternate" / "lr=0.001" / "seed1.json").is_file()
+  calls.clear()
+  assert sweep("d") == runs and not calls  # a rerun loads every record
+  assert sum("finished earlier" in line for line in logs) == 8
+  with pytest.raises(ValueError, match="other settings"):
+    sweep("other data")  # a record of other settings is never reused
+
+
+def test_run_objective_weights_any_objective_for_joint_only():
+  from dualoptim_jax.unlearn.losses import make_objective
+  from dualoptim_jax.unlearn.tasks.formats import SupervisedObjective
+
+  cfg = cli.RunConfig(forget_lr_scale=0.5, retain_lr_scale=3.0, forget_coef=2.0, beta=0.2)
+  sft = SupervisedObjective(retain="KL")
+  joint = cli.run_objective(sft, cfg, "joint")
+  assert (joint.forget_coef, joint.retain_coef, joint.retain) == (1.0, 3.0, "KL")
+  assert (cli.run_objective(sft, cfg, "alternate").forget_coef, sft.forget_coef) == (2.0, 1.0)
+  npo = cli.run_objective(make_objective("NPO+GD"), cfg, "dualoptim_plus")
+  assert (npo.forget_coef, npo.retain_coef, npo.beta) == (2.0, 1.0, 0.2)
+  assert cli.objective(cfg, "joint") == cli.run_objective(make_objective("IDK+AP"), cfg, "joint")
+
+
+def test_run_checkpointer_has_a_directory_per_swept_setting(tmp_path):
+  cfg = cli.RunConfig(checkpoint_dir=str(tmp_path), sweep=("lr", (1e-4, 1e-3)))
+  assert cli.run_checkpointer(dataclasses.replace(cfg, checkpoint_dir=None), "joint", 0, {}) is None
+  one = cli.run_checkpointer(dataclasses.replace(cfg, lr=1e-3), "joint", 1, {}, under="safety")
+  assert (
+    one is not None and Path(one.directory) == tmp_path / "safety" / "joint" / "lr=0.001" / "seed1"
+  )
+  plain = cli.run_checkpointer(dataclasses.replace(cfg, sweep=None), "joint", 1, {})
+  assert plain is not None and Path(plain.directory) == tmp_path / "joint" / "seed1"  # as before

@@ -62,3 +62,34 @@ def test_tiny_real_world_run_writes_ufe_mu_ovr(shared_data, tmp_path):
   for row in doc["rows"].values():
     assert 0.0 <= row["mean"]["downstream_gsm8k"] <= 1.0
   assert doc["config"]["data"].startswith("real_world: forget=400, retain=400")
+
+
+@pytest.mark.slow  # ~1 min on a loaded 2-core CPU
+def test_real_world_sweep_records_reruns_and_tradeoff(shared_data, tmp_path, capsys):
+  """--sweep on the real-world task: a record per run, joint's forget loss weighted by the lr
+  scale, a rerun that runs nothing, and the UFE / MU trade-off plot."""
+  argv = TINY + [
+    "--task", "real_world", "--data-dir", str(shared_data), "--task-id", "1", "--steps", "1",
+    "--presets", "joint,dualoptim_plus", "--sweep", "forget_lr_scale=0.5,2",
+    "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+  ]  # fmt: skip
+  assert cli.main(argv) == 0
+  runs = tmp_path / "o" / "runs"
+  assert len(list(runs.rglob("seed0.json"))) == 4
+  for v in ("0.5", "2"):
+    joint = json.loads((runs / "joint" / f"forget_lr_scale={v}" / "seed0.json").read_text())
+    assert (
+      joint["run"]["loss"]["forget_coef"] == float(v) and joint["run"]["loss"]["forget"] == "IDK"
+    )
+    do = json.loads((runs / "dualoptim_plus" / f"forget_lr_scale={v}" / "seed0.json").read_text())
+    assert do["run"]["loss"]["forget_coef"] == 1.0
+    assert do["run"]["optimizer"]["forget_lr_scale"] == float(v)
+  assert (tmp_path / "o" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+  doc = json.loads((tmp_path / "o" / "results.json").read_text())
+  assert list(doc["rows"])[2:] == [
+    f"{p} [forget_lr_scale={v}]" for p in ("joint", "dualoptim_plus") for v in ("0.5", "2")
+  ]
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  logged = capsys.readouterr().out
+  assert logged.count("finished earlier") == 4 and "max |update|/lr" not in logged

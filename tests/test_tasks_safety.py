@@ -1,6 +1,8 @@
 """The safety task: supervised objectives, data split, and a tiny end-to-end run on real files."""
 
 import json
+import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,8 @@ from dualoptim_jax.unlearn import cli
 from dualoptim_jax.unlearn.losses import masked_nll
 from dualoptim_jax.unlearn.tasks import formats, make_task
 from dualoptim_jax.unlearn.tasks import safety as S
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TINY = [
   "--model-size", "tiny", "--finetune-steps", "10", "--steps", "2", "--eval-items", "3",
@@ -132,3 +136,72 @@ def test_tiny_safety_run_writes_its_columns(shared_data, tmp_path):
   assert [x["row"] for x in lines] == ["Initial", "alternate", "dualoptim_plus"]
   mali = lines[0]["per_item"]["safety_i_mali"]
   assert len(mali["prompt"]) == len(mali["response"]) == len(mali["refused"]) == 3
+
+
+@pytest.fixture(scope="module")
+def job_flags(tmp_path_factory):
+  """Flags of a tiny safety job; the tests share its tokenizer and model cache."""
+  if not (SHARED_DATA / "safety").is_dir():
+    pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repo)")
+  cache = tmp_path_factory.mktemp("cache")
+  return TINY + ["--task", "safety", "--data-dir", str(SHARED_DATA), "--eval-items", "2",
+                 "--steps", "1", "--cache-dir", str(cache)]  # fmt: skip
+
+
+def test_safety_sweep_writes_a_record_per_run_and_a_rerun_skips_them(
+  job_flags, tmp_path, capsys, monkeypatch
+):
+  """--sweep and the run records work for a task as for TOFU (issue 14)."""
+  out = tmp_path / "o"
+  argv = job_flags + ["--presets", "joint,alternate", "--sweep", "forget_lr_scale=0.5,2"]
+  argv += ["--out", str(out)]
+  assert cli.main(argv) == 0
+  runs = out / "runs"
+  records = {p.relative_to(runs).as_posix(): json.loads(p.read_text()) for p in runs.rglob("*")
+             if p.is_file()}  # fmt: skip
+  assert sorted(records) == [
+    f"{p}/forget_lr_scale={v}/seed0.json" for p in ("alternate", "joint") for v in ("0.5", "2")
+  ]
+  for v in (0.5, 2.0):  # joint's lr scale weights the task's safety loss, alternate's its lr
+    joint, alternate = (records[f"{p}/forget_lr_scale={v:g}/seed0.json"]["run"] for p in
+                        ("joint", "alternate"))  # fmt: skip
+    assert (joint["loss"]["forget_coef"], joint["loss"]["retain_coef"]) == (v, 1.0)
+    assert alternate["loss"]["forget_coef"] == 1.0
+    assert alternate["optimizer"]["forget_lr_scale"] == v
+  doc = json.loads((out / "results.json").read_text())
+  assert list(doc["rows"]) == ["Initial"] + [
+    f"{p} [forget_lr_scale={v}]" for p in ("joint", "alternate") for v in ("0.5", "2")
+  ]
+  assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+  def no_run(*args, **kwargs):
+    raise AssertionError("a finished run was run again")
+
+  capsys.readouterr()
+  monkeypatch.setattr(cli, "unlearn", no_run)
+  assert cli.main(argv) == 0  # a rerun reuses the 4 records
+  assert capsys.readouterr().out.count("finished earlier") == 4
+  assert json.loads((out / "results.json").read_text())["rows"] == doc["rows"]
+
+
+def test_safety_budget_authors_counts_the_safety_set(job_flags, tmp_path):
+  """--budget authors: joint runs --epochs over objective 0 (the safety set), alternating
+  presets AUTHORS_UPDATES updates; --budget equal: --steps forget updates each."""
+  epochs, size = 0.002, len(S.load_safety(SHARED_DATA).safety_train)
+  argv = job_flags + [
+    "--presets",
+    "joint,alternate",
+    "--budget",
+    "authors",
+    "--epochs",
+    str(epochs),
+  ]
+  assert cli.main(argv + ["--out", str(tmp_path / "o")]) == 0
+  doc = json.loads((tmp_path / "o" / "results.json").read_text())
+  joint_updates = math.ceil(epochs * size / 4)  # batch size 4; --steps 1 does not count here
+  assert joint_updates > 1
+  assert doc["config"]["updates"] == {"joint": joint_updates, "alternate": cli.AUTHORS_UPDATES}
+  assert doc["rows"]["joint"]["seeds"][0]["run"]["updates"] == joint_updates
+  (alternate,) = doc["rows"]["alternate"]["seeds"]
+  assert alternate["run"]["updates"] == cli.AUTHORS_UPDATES
+  assert alternate["run"]["forget_updates"] == cli.AUTHORS_UPDATES // 6  # cycles of 1 + 5

@@ -31,9 +31,10 @@ parser, the ``--help`` text, the validation and the match of finished runs all r
 Every error prints one line (``dualoptim-unlearn: error: ...``) and exits with status 2.
 
 Scale-out and resume: ``--mesh data=1,fsdp=8`` trains FSDP-sharded over the devices
-(:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning run under
-``DIR/<preset>/seed<k>`` every ``--checkpoint-every`` updates and at its end, and ``--resume``
-continues every run from its latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
+(:mod:`dualoptim_jax.unlearn.placement`); ``--checkpoint-dir DIR`` checkpoints each unlearning
+run under ``DIR/<preset>/seed<k>`` (``DIR/<preset>/<name>=<value>/seed<k>`` in a sweep) every
+``--checkpoint-every`` updates and at its end, and ``--resume`` continues every run from its
+latest checkpoint (:mod:`dualoptim_jax.unlearn.checkpoint`).
 
 Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process-id I`` join JAX's
 multi-process runtime (:mod:`dualoptim_jax.unlearn.distributed`; without them SLURM and TPU pods
@@ -384,7 +385,8 @@ class RunConfig:
   )
   checkpoint_dir: str | None = flag(
     None,
-    "checkpoint each unlearning run under DIR/<preset>/seed<k> (orbax)",
+    "checkpoint each unlearning run under DIR/<preset>[/<name>=<value> of --sweep]/seed<k> "
+    "(orbax; DIR/<task>/... for real_world and safety)",
     group=DEVICES,
     run_setting=False,
   )
@@ -854,48 +856,80 @@ def recipe(cfg: RunConfig) -> dict[str, Any]:
   )
 
 
-def objective(cfg: RunConfig, preset: str) -> Any:
-  """The run's loss. ``joint`` has one learning rate for both objectives, so there the lr scales
-  weight the losses instead: to first order (SGD) a forget step at ``lr * s`` and a forget loss
-  weighted ``s`` move the parameters alike, which keeps a ``forget_lr_scale`` sweep meaningful
-  for every preset."""
+def run_objective(base: Any, cfg: RunConfig, preset: str) -> Any:
+  """``base``, any objective with ``forget_coef`` / ``retain_coef`` fields (an
+  :class:`~dualoptim_jax.unlearn.losses.UnlearningLoss`, a task's supervised objective), under
+  the run's settings: the coefficients ``c_f``, ``c_r`` (and ``beta``, where the loss has one)
+  of ``cfg``, so a sweep of them reaches every task's objective.
+
+  ``joint`` has one learning rate for both objectives, so there the lr scales weight the losses
+  instead: to first order (SGD) a forget step at ``lr * s`` and a forget loss weighted ``s``
+  move the parameters alike, which keeps a ``forget_lr_scale`` sweep meaningful for every
+  preset. The alternating presets apply the scales to their learning rates (:func:`recipe`).
+  """
   f, r = (cfg.forget_lr_scale, cfg.retain_lr_scale) if PRESETS[preset].mode == "joint" else (1, 1)
-  return make_objective(cfg.loss, cfg.forget_coef * f, cfg.retain_coef * r, cfg.beta)
-
-
-def one_run(
-  setup: Setup, cfg: RunConfig, preset: str, seed: int, ratios: Any, log=print
-) -> dict[str, Any]:
-  """Unlearns with ``preset`` and ``seed`` under ``cfg`` and evaluates: the run's record."""
-  t0 = time.perf_counter()
-  tok, data = setup.tok, setup.data
-  arrays = lambda items, k: D.tokenize_unlearning_set(
-    tok, items, data.idk_answers, cfg.max_len, seed=k
+  fields = {field.name for field in dataclasses.fields(base)}
+  extra = {"beta": cfg.beta} if "beta" in fields else {}
+  return dataclasses.replace(
+    base, forget_coef=float(cfg.forget_coef * f), retain_coef=float(cfg.retain_coef * r), **extra
   )
-  checkpointer = None
-  if cfg.checkpoint_dir is not None:
-    checkpointer = RunCheckpointer(
-      Path(cfg.checkpoint_dir) / preset / f"seed{seed}",
-      every=cfg.checkpoint_every,
-      keep=cfg.keep_checkpoints,
-      resume=cfg.resume,
-      fingerprint_extra=_run_fingerprint(cfg, data, tok, seed),
-      log=log,
-    )
-  updates = budget(preset, cfg, len(data.forget))
+
+
+def objective(cfg: RunConfig, preset: str) -> Any:
+  """The TOFU job's loss (``--loss``) under the run's settings (:func:`run_objective`)."""
+  return run_objective(make_objective(cfg.loss, beta=cfg.beta), cfg, preset)
+
+
+def run_checkpointer(
+  cfg: RunConfig, preset: str, seed: int, fingerprint_extra: dict[str, Any], log=print, *, under=""
+) -> RunCheckpointer | None:
+  """The run's checkpointer under ``--checkpoint-dir``, or None without one:
+  ``DIR[/under]/<preset>[/<name>=<value>]/seed<k>``, one directory per swept setting."""
+  if cfg.checkpoint_dir is None:
+    return None
+  setting = sweep_lib.setting_dir(preset, cfg.sweep, sweep_lib.swept_value(cfg))
+  return RunCheckpointer(
+    Path(cfg.checkpoint_dir) / under / setting / f"seed{seed}",
+    every=cfg.checkpoint_every,
+    keep=cfg.keep_checkpoints,
+    resume=cfg.resume,
+    fingerprint_extra=fingerprint_extra,
+    log=log,
+  )
+
+
+def unlearn_and_evaluate(
+  cfg: RunConfig,
+  preset: str,
+  seed: int,
+  *,
+  base: nnx.Module,
+  objective: Any,
+  batches: tuple[Any, Any],
+  objective0_size: int,
+  evaluate: Callable[[nnx.Module], dict[str, Any]],
+  mesh: Any = None,
+  checkpointer: RunCheckpointer | None = None,
+) -> dict[str, Any]:
+  """One run of any task, as its record: unlearns ``base`` with ``preset`` on the two
+  objectives' ``batches`` under ``cfg``'s recipe (:func:`recipe`), loss weights
+  (:func:`run_objective`) and budget (:func:`budget` of ``objective0_size`` examples), then
+  ``evaluate(model)``. The record holds ``result`` (the metrics, the seed and the update
+  stability), ``history``, ``run`` (the optimizer settings and update counts) and timings."""
+  t0 = time.perf_counter()
+  updates = budget(preset, cfg, objective0_size)
   out = unlearn(
-    setup.base,
-    objective(cfg, preset),
-    D.BatchIterator(arrays(data.forget, 2 * seed), cfg.batch_size, seed=2 * seed),
-    D.BatchIterator(arrays(data.retain, 2 * seed + 1), cfg.batch_size, seed=2 * seed + 1),
+    base,
+    run_objective(objective, cfg, preset),
+    *batches,
     preset=preset,
     num_updates=updates,
-    mesh=setup.mesh,
+    mesh=mesh,
     checkpointer=checkpointer,
     **recipe(cfg),
   )
   t_eval = time.perf_counter()
-  result = {**evaluate(setup, cfg, out.model, ratios), "seed": seed, **out.stability}
+  result = {**evaluate(out.model), "seed": seed, **out.stability}
   forget_updates = int(np.sum(out.history.objective != 1))
   return {
     "result": result,
@@ -906,29 +940,67 @@ def one_run(
   }
 
 
-def _sweep_runs(setup: Setup, cfg: RunConfig, ratios: Any, log=print):
-  """Every (preset, value, seed) record, loaded if finished, else run and written at once:
-  ``{preset: [(value, [records])]}``. Seeds are the outer loop, so a sweep stopped part-way has
-  the same seeds for every preset and value."""
+def one_run(
+  setup: Setup, cfg: RunConfig, preset: str, seed: int, ratios: Any, log=print
+) -> dict[str, Any]:
+  """Unlearns TOFU with ``preset`` and ``seed`` under ``cfg`` and evaluates: the run's record."""
+  tok, data = setup.tok, setup.data
+  arrays = lambda items, k: D.tokenize_unlearning_set(
+    tok, items, data.idk_answers, cfg.max_len, seed=k
+  )
+  fingerprint = _run_fingerprint(cfg, data, tok, seed)
+  return unlearn_and_evaluate(
+    cfg,
+    preset,
+    seed,
+    base=setup.base,
+    objective=make_objective(cfg.loss, beta=cfg.beta),
+    batches=(
+      D.BatchIterator(arrays(data.forget, 2 * seed), cfg.batch_size, seed=2 * seed),
+      D.BatchIterator(arrays(data.retain, 2 * seed + 1), cfg.batch_size, seed=2 * seed + 1),
+    ),
+    objective0_size=len(data.forget),
+    evaluate=lambda model: evaluate(setup, cfg, model, ratios),
+    mesh=setup.mesh,
+    checkpointer=run_checkpointer(cfg, preset, seed, fingerprint, log),
+  )
+
+
+RunFn = Callable[[RunConfig, str, int], dict[str, Any]]
+"""``run(run_cfg, preset, seed) -> record``: one run of a sweep (:func:`unlearn_and_evaluate`)."""
+Runs = dict[str, list[tuple[float | None, list[dict[str, Any]]]]]
+"""``{preset: [(swept value or None, [per-seed records])]}``: a sweep's records."""
+
+
+def sweep_runs(
+  cfg: RunConfig, run: RunFn, *, data: str, describe: Callable[[dict], str], log=print
+) -> Runs:
+  """Every (preset, value, seed) record of ``cfg``'s presets, sweep and seeds, for any task:
+  loaded from ``OUT/runs`` if finished under the same settings (``data`` names the data in the
+  fingerprint), else made by ``run(run_cfg, preset, seed)`` (``run_cfg``: ``cfg`` with the
+  swept flag at its value) and written at once. Seeds are the outer loop, so a sweep stopped
+  part-way has the same seeds for every preset and value. ``describe(result)`` is the log line
+  of a finished run."""
   values = sweep_lib.sweep_values(cfg.sweep)
   records: dict[tuple[str, Any], list[dict[str, Any]]] = {}
   for seed in cfg.seeds:
     for preset in cfg.presets:
       for value in values:
-        run = _sweep_run(setup, cfg, preset, value, seed, ratios, log)
-        records.setdefault((preset, value), []).append(run)
+        run_cfg = cfg
+        if cfg.sweep is not None and value is not None:
+          run_cfg = dataclasses.replace(cfg, **{cfg.sweep[0]: value})
+        record = _sweep_run(run_cfg, run, preset, seed, data, describe, log)
+        records.setdefault((preset, value), []).append(record)
   return {p: [(v, records[p, v]) for v in values] for p in cfg.presets}
 
 
 def _sweep_run(
-  setup: Setup, cfg: RunConfig, preset: str, value: Any, seed: int, ratios: Any, log=print
+  cfg: RunConfig, run: RunFn, preset: str, seed: int, data: str, describe, log
 ) -> dict[str, Any]:
   """One (preset, value, seed) record: loaded if it is finished, else run and written."""
-  run_cfg = cfg
-  if cfg.sweep is not None and value is not None:
-    run_cfg = dataclasses.replace(cfg, **{cfg.sweep[0]: value})
+  value = sweep_lib.swept_value(cfg)
   path = sweep_lib.record_path(cfg.out, preset, cfg.sweep, value, seed)
-  fp = {**run_settings(run_cfg), "preset": preset, "seed": seed, "data": setup.data.name}
+  fp = {**run_settings(cfg), "preset": preset, "seed": seed, "data": data}
   # Every process decides alike (a record on host 0's disk only means: all run it).
   finished = distributed.all_true(path.is_file())
   record = sweep_lib.load_record(path, fp) if finished else None
@@ -936,15 +1008,19 @@ def _sweep_run(
   if record is not None:
     log(f"[{name}] finished earlier: {path}")
     return record
-  record = {"fingerprint": fp, **one_run(setup, run_cfg, preset, seed, ratios, log)}
+  record = {"fingerprint": fp, **run(cfg, preset, seed)}
   if distributed.is_primary():  # one writer: the processes hold the same record
     sweep_lib.save_record(path, record)
   r = record["result"]
   log(
-    f"[{name}] UFE {r['forget_efficacy']:.3f}, MU {r['model_utility']:.3f}, "
-    f"max |update|/lr {r['max_update_ratio']:.3g} ({record['seconds']:.0f}s)"
+    f"[{name}] {describe(r)}, max |update|/lr {r['max_update_ratio']:.3g} "
+    f"({record['seconds']:.0f}s)"
   )
   return record
+
+
+def _describe_tofu(result: dict[str, Any]) -> str:
+  return f"UFE {result['forget_efficacy']:.3f}, MU {result['model_utility']:.3f}"
 
 
 def _reference_rows(setup: Setup, cfg: RunConfig) -> tuple[dict[str, list], Any]:
@@ -962,9 +1038,10 @@ def _reference_rows(setup: Setup, cfg: RunConfig) -> tuple[dict[str, list], Any]
   return references, ratios
 
 
-def _tabulate(references: dict[str, list], runs: dict[str, list], cfg: RunConfig):
-  """Rows of the report (one per preset and swept value), their loss histories, and the
-  trade-off plot's curves (one per preset, through its sweep values)."""
+def tabulate(references: dict[str, list], runs: Runs, cfg: RunConfig):
+  """Rows of any task's report (the ``references`` rows, then one per preset and swept value:
+  :func:`dualoptim_jax.unlearn.sweep.label`), their loss histories, and the trade-off plot's
+  curves (one per preset, through its sweep values)."""
   results = dict(references)
   histories, curves = {}, {}
   for preset, settings in runs.items():
@@ -982,8 +1059,10 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
 
   In a multi-process job every process runs this; process 0 alone logs, shows progress and
   writes the report (the others return the document without writing it). ``--task real_world`` /
-  ``safety`` run through the task job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`); ``tofu``
-  runs here, with sweeps, budgets and the trade-off plot.
+  ``safety`` run through the task job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`), with
+  the same sweep, records, budgets and loss weighting (:func:`sweep_runs`,
+  :func:`unlearn_and_evaluate`); ``tofu`` runs here and adds the best setting per method on
+  the validation / test halves and the paired comparison.
   """
   if cfg.task != "tofu":
     from dualoptim_jax.unlearn.tasks.job import run_task
@@ -1004,11 +1083,12 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   eval_s = time.perf_counter() - t_eval
   after_reference = compiles.snapshot()
   compiled["reference_eval"] = after_reference.since(after_models).as_dict()
-  runs = _sweep_runs(setup, cfg, ratios, log)
+  run_fn: RunFn = lambda run_cfg, preset, seed: one_run(setup, run_cfg, preset, seed, ratios, log)
+  runs = sweep_runs(cfg, run_fn, data=setup.data.name, describe=_describe_tofu, log=log)
   compiled["runs"] = compiles.snapshot().since(after_reference).as_dict()
   compiled["total"] = compiles.snapshot().since(start).as_dict()
   eval_s += sum(r.get("eval_seconds", 0.0) for s in runs.values() for _, rs in s for r in rs)
-  results, histories, curves = _tabulate(references, runs, cfg)
+  results, histories, curves = tabulate(references, runs, cfg)
   best = sweep_lib.best_settings(
     {p: [(v, [r["result"] for r in recs]) for v, recs in s] for p, s in runs.items()}, ratios
   )

@@ -225,16 +225,25 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
   ]
 
 
+TradeoffAxes = tuple[tuple[str, str], tuple[str, str]]
+"""``((x key, x label), (y key, y label))`` of a trade-off plot: utility across, forgetting up."""
+TRADEOFF_AXES: TradeoffAxes = (
+  ("model_utility", "model utility (MU) ↑"),
+  ("forget_efficacy", "forget efficacy (UFE) ↑"),
+)
+
+
 def plot_tradeoff(
   path: str | Path,
   curves: Mapping[str, Sequence[tuple[str, Sequence[Mapping[str, Any]]]]],
   *,
-  x: str = "model_utility",
-  y: str = "forget_efficacy",
+  axes: TradeoffAxes = TRADEOFF_AXES,
 ) -> Path:
-  """PNG: forget efficacy (UFE) against model utility, one curve per method through its settings
-  (``curves = {method: [(setting label, per-seed results), ...]}``), mean ± std over seeds as
-  error bars, the Pareto front of all settings' means marked."""
+  """PNG: forget efficacy (UFE) against model utility (or the ``axes`` of another task, both
+  higher-is-better), one curve per method through its settings (``curves = {method: [(setting
+  label, per-seed results), ...]}``), mean ± std over seeds as error bars, the Pareto front of
+  all settings' means marked."""
+  (x, x_label), (y, y_label) = axes
   from matplotlib.figure import Figure
 
   fig = Figure(figsize=(7, 5.5), layout="constrained")
@@ -259,8 +268,8 @@ def plot_tradeoff(
   if front:
     ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
     ax.scatter(*zip(*front), s=150, facecolors="none", edgecolors="k")
-  ax.set_xlabel("model utility (MU) ↑")
-  ax.set_ylabel("forget efficacy (UFE) ↑")
+  ax.set_xlabel(x_label)
+  ax.set_ylabel(y_label)
   ax.set_title("Trade-off: mean ± std over seeds")
   ax.legend(fontsize="small")
   path = Path(path)
@@ -425,6 +434,7 @@ def write_report(
   tradeoff: Mapping[str, Sequence[tuple[str, Sequence[Mapping[str, Any]]]]] | None = None,
   columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
   legend: str = _LEGEND,
+  tradeoff_axes: TradeoffAxes = TRADEOFF_AXES,
 ) -> ReportFiles:
   """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created).
 
@@ -441,6 +451,7 @@ def write_report(
     extra_json: more top-level entries of results.json.
     tradeoff: ``{method: [(setting, per-seed results), ...]}``: also writes ``tradeoff.png``
       (:func:`plot_tradeoff`).
+    tradeoff_axes: the trade-off plot's axes (default: MU across, UFE up).
     columns: ``(result key, header)`` of the table and the plot (default: the TOFU columns).
     legend: the text under the table.
   """
@@ -461,7 +472,7 @@ def write_report(
   files.markdown.write_text(markdown)
   plot_results(files.plot, results, loss_histories, columns)
   if tradeoff:
-    plot_tradeoff(out / "tradeoff.png", tradeoff)
+    plot_tradeoff(out / "tradeoff.png", tradeoff, axes=tradeoff_axes)
   if echo:
     print(markdown_table(results, columns))
     print()

@@ -1,6 +1,7 @@
 """Sweeps of the main job: one record per (preset, swept value, seed), written as it finishes.
 
-``dualoptim-unlearn --sweep forget_lr_scale=0.5,1,2`` runs every preset and seed at each value.
+``dualoptim-unlearn --sweep forget_lr_scale=0.5,1,2`` runs every preset and seed at each value, for
+every ``--task`` (the loop: :func:`dualoptim_jax.unlearn.cli.sweep_runs`).
 Each run's record, its evaluation (per-item outputs included), loss history, optimizer settings
 and stability, is written to ``OUT/runs/<preset>/<name>=<value>/seed<k>.json`` the moment the run
 ends, with a fingerprint of every setting that shapes it; rerunning the same command loads the
@@ -32,6 +33,8 @@ __all__ = [
   "parse_sweep",
   "sweep_values",
   "label",
+  "swept_value",
+  "setting_dir",
   "record_path",
   "load_record",
   "save_record",
@@ -62,12 +65,22 @@ def label(preset: str, sweep: Sweep | None, value: float | None) -> str:
   return preset if sweep is None or value is None else f"{preset} [{sweep[0]}={value:g}]"
 
 
+def swept_value(cfg: Any) -> float | None:
+  """The value of the swept flag in a run's config (one the sweep made, with ``name=value``
+  replaced), or None without ``--sweep``."""
+  return None if cfg.sweep is None else getattr(cfg, cfg.sweep[0])
+
+
+def setting_dir(preset: str, sweep: Sweep | None, value: float | None) -> Path:
+  """``<preset>[/<name>=<value>]``: where one setting's runs go, below ``OUT/runs`` (records)
+  and ``--checkpoint-dir`` (checkpoints), so no two settings share a file."""
+  base = Path(preset)
+  return base if sweep is None or value is None else base / f"{sweep[0]}={value:g}"
+
+
 def record_path(out: str | Path, preset: str, sweep: Sweep | None, value: float | None, seed: int):
   """``OUT/runs/<preset>[/<name>=<value>]/seed<k>.json``."""
-  base = Path(out) / "runs" / preset
-  if sweep is not None and value is not None:
-    base = base / f"{sweep[0]}={value:g}"
-  return base / f"seed{seed}.json"
+  return Path(out) / "runs" / setting_dir(preset, sweep, value) / f"seed{seed}.json"
 
 
 def load_record(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:

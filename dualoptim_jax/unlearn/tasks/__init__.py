@@ -12,8 +12,12 @@ task unchanged. The job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`) drive
 3. ``prepare(tok, rows)`` -- anything the evaluation needs from those rows (e.g. the retain-only
    model's truth ratios for forget quality);
 4. ``objective`` and ``batches(tok, seed)`` -- the two losses and their batch iterators;
-5. ``evaluate(model, tok)`` -- one metric dict per model; ``columns`` / ``legend`` / ``title`` --
-   the report.
+5. ``evaluate(model, tok)`` -- one metric dict per model; ``columns`` / ``legend`` / ``title`` /
+   ``tradeoff_axes`` -- the report.
+
+Presets, ``--sweep``, ``--budget`` and ``--seeds`` are the job's, the same for every task; joint's
+lr scales weight ``objective``'s coefficients (:func:`dualoptim_jax.unlearn.cli.run_objective`),
+so an objective must be a dataclass with ``forget_coef`` and ``retain_coef`` fields.
 
 Tasks (``--task``):
 
@@ -46,6 +50,9 @@ class Task(abc.ABC):
   title: str = ""
   columns: tuple[tuple[str, str], ...] = ()
   legend: str = ""
+  # ((x key, label), (y key, label)) of tradeoff.png (utility across, the task's goal up; both
+  # higher-is-better), or None for no trade-off plot.
+  tradeoff_axes: tuple[tuple[str, str], tuple[str, str]] | None = None
 
   @abc.abstractmethod
   def summary(self) -> str:

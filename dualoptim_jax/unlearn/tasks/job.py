@@ -1,18 +1,20 @@
 """The job of ``dualoptim-unlearn`` for any :class:`~dualoptim_jax.unlearn.tasks.Task`.
 
 Tokenizer and starting model (built-in: a byte-level BPE trained on the task's texts and a Llama
-of ``--model-size``; ``--model``: the checkpoint's own), the task's initial rows, then every
-preset in ``--presets`` and seed in ``--seeds`` from the ``Initial`` model through
-:func:`~dualoptim_jax.unlearn.trainer.unlearn` (the same trainer, presets,
-schedule and checkpoints as the TOFU job), the task's evaluation of each run, and the report
-with the task's columns (results.md / results.json / results.png in ``--out``).
+of ``--model-size``; ``--model``: the checkpoint's own) and the task's initial rows; then the
+TOFU job's own sweep (:func:`~dualoptim_jax.unlearn.cli.sweep_runs`): every preset in
+``--presets``, value of ``--sweep`` and seed in ``--seeds`` from the ``Initial`` model through
+:func:`~dualoptim_jax.unlearn.cli.unlearn_and_evaluate` (the same trainer, presets, recipe,
+``--budget``, loss weighting and checkpoints as the TOFU job), each run recorded in ``OUT/runs``
+as it ends and reused on a rerun; then the report with the task's columns, one row per preset
+and swept value (results.md / results.json / results.png / tradeoff.png / per_item.jsonl in
+``--out``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import time
@@ -23,11 +25,9 @@ from typing import Any
 import jax
 
 from dualoptim_jax.models.tokenizer import Tokenizer
-from dualoptim_jax.unlearn import placement, pretrained, report
-from dualoptim_jax.unlearn.checkpoint import RunCheckpointer
+from dualoptim_jax.unlearn import distributed, placement, pretrained, report
 from dualoptim_jax.unlearn.jsonable import jsonable
 from dualoptim_jax.unlearn.tasks import Task
-from dualoptim_jax.unlearn.trainer import unlearn
 
 __all__ = ["run_task"]
 
@@ -42,14 +42,6 @@ def _start(task: Task, cfg: Any, cache: Path, log) -> tuple[Any, Tokenizer, str 
   start, tok, key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
   log(pretrained.describe(start, cfg.model, key) + f"; devices: {jax.devices()}")
   return start, tok, key
-
-
-def _checkpoint_dir(cfg: Any, task: Task, preset: str, seed: int) -> Path | None:
-  """``DIR/<preset>/seed<k>`` for TOFU (as before tasks existed), ``DIR/<task>/...`` otherwise."""
-  if cfg.checkpoint_dir is None:
-    return None
-  root = Path(cfg.checkpoint_dir)
-  return (root if task.name == "tofu" else root / task.name) / preset / f"seed{seed}"
 
 
 def _fingerprint(cli: Any, cfg: Any, task: Task, tok: Tokenizer, seed: int) -> dict[str, Any]:
@@ -71,52 +63,38 @@ def _write_per_item(path: Path, results: dict[str, list[dict[str, Any]]]) -> Pat
   return path
 
 
-def _one_run(
-  task: Task, cfg: Any, base, tok, preset: str, seed: int, forget_updates: int, mesh, log
-) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Unlearns with ``preset`` and ``seed`` on ``task`` and evaluates: (result, loss history)."""
+def _run_fn(task: Task, base, tok: Tokenizer, mesh, log):
+  """``run(run_cfg, preset, seed) -> record``: one unlearning run of ``task`` from ``base``
+  (:func:`~dualoptim_jax.unlearn.cli.unlearn_and_evaluate`, the TOFU job's run), checkpointed
+  under ``--checkpoint-dir``/<task>."""
   from dualoptim_jax.unlearn import cli
 
-  batches0, batches1 = task.batches(tok, seed)
-  path = _checkpoint_dir(cfg, task, preset, seed)
-  checkpointer = None
-  if path is not None:
-    checkpointer = RunCheckpointer(
-      path,
-      every=cfg.checkpoint_every,
-      keep=cfg.keep_checkpoints,
-      resume=cfg.resume,
-      fingerprint_extra=_fingerprint(cli, cfg, task, tok, seed),
-      log=log,
+  under = "" if task.name == "tofu" else task.name  # TOFU's checkpoints: where they always were
+
+  def run(run_cfg: Any, preset: str, seed: int) -> dict[str, Any]:
+    fingerprint = _fingerprint(cli, run_cfg, task, tok, seed)
+    return cli.unlearn_and_evaluate(
+      run_cfg,
+      preset,
+      seed,
+      base=base,
+      objective=task.objective,
+      batches=task.batches(tok, seed),
+      objective0_size=task.objective0_size,
+      evaluate=lambda model: task.evaluate(model, tok),
+      mesh=mesh,
+      checkpointer=cli.run_checkpointer(run_cfg, preset, seed, fingerprint, log, under=under),
     )
-  out = unlearn(
-    base,
-    task.objective,
-    batches0,
-    batches1,
-    preset=preset,
-    num_updates=cli.num_updates(preset, forget_updates, cfg),
-    mesh=mesh,
-    checkpointer=checkpointer,
-    **cli.recipe(cfg),
-  )
-  res = {**task.evaluate(out.model, tok), "seed": seed, **out.stability}
-  log(f"[{preset} seed {seed}] {task.describe_run(res)}")
-  return res, out.history.series()
+
+  return run
 
 
-def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
-  """Runs the comparison of ``cfg`` on ``task`` and writes the report; returns results.json."""
-  from dualoptim_jax.unlearn import cli  # the TOFU job's model cache and update counts
+def _initial_rows(task: Task, cfg: Any, mesh, log) -> tuple[dict[str, Any], Tokenizer]:
+  """The task's initial models (``"Initial"`` first) and the tokenizer."""
+  from dualoptim_jax.unlearn import cli  # the TOFU job's model cache
 
-  t_start = time.perf_counter()
-  log(task.summary())
   cache = cli._cache_dir(cfg)
-  mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
-  if mesh is not None:
-    log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
-  timings: dict[str, float] = {}
-  t0 = time.perf_counter()
+  cli._use_compilation_cache(cache, log)
   start, tok, start_key = _start(task, cfg, cache, log)
 
   def tune(kind: str, items):
@@ -126,44 +104,61 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
       kind, items, tok, cfg, cache, log, init=start, init_key=start_key, mesh=mesh
     )
 
-  rows = task.initial_models(tune, start, tok)
-  base = rows["Initial"]
-  timings["models_s"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  task.prepare(tok, rows)
-  results: dict[str, list[dict[str, Any]]] = {
-    name: [task.evaluate(m, tok)] for name, m in rows.items()
-  }
-  for name, runs in results.items():
-    log(f"[{name}] {task.describe_run(runs[0])}")
-  timings["reference_eval_s"] = time.perf_counter() - t0
+  return task.initial_models(tune, start, tok), tok
 
-  forget_updates = cfg.steps or max(
-    1, math.ceil(cfg.epochs * task.objective0_size / cfg.batch_size)
-  )
-  presets = list(cfg.presets)
-  histories: dict[str, list[dict[str, Any]]] = {}
-  for preset in presets:
-    results[preset], histories[preset] = [], []
-    t0 = time.perf_counter()
-    for seed in cfg.seeds:
-      res, history = _one_run(task, cfg, base, tok, preset, seed, forget_updates, mesh, log)
-      results[preset].append(res)
-      histories[preset].append(history)
-    timings[f"{preset}_s"] = time.perf_counter() - t0
 
-  timings["total_s"] = time.perf_counter() - t_start
-  config = {
+def _config(task: Task, cfg: Any, tok: Tokenizer, timings: dict[str, float]) -> dict[str, Any]:
+  """results.json's ``config``: the flags, the data, the budgets and where and how long it ran."""
+  from dualoptim_jax.unlearn import cli
+
+  return {
     **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
     "data": task.summary(),
     "objective": task.objective.name,
-    "forget_updates": forget_updates,
-    "presets_run": presets,
+    "budget_rule": cli.BUDGET_RULES[cfg.budget],
+    "updates": {p: cli.budget(p, cfg, task.objective0_size) for p in cfg.presets},
     "tokenizer_vocab": tok.vocab_size,
     "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
     f"jax devices {jax.devices()}",
     "timings": {k: round(v, 1) for k, v in timings.items()},
   }
+
+
+def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
+  """Runs the comparison of ``cfg`` on ``task`` and writes the report; returns results.json.
+
+  In a multi-process job every process runs this; process 0 alone logs and writes the records
+  and the report."""
+  from dualoptim_jax.unlearn import cli  # the sweep, budgets and tables of the TOFU job
+
+  t_start = time.perf_counter()
+  if not distributed.is_primary():
+    cfg = dataclasses.replace(cfg, progress=False)
+    log = lambda *args, **kwargs: None  # noqa: E731
+  log(task.summary())
+  mesh = None if cfg.mesh is None else placement.make_mesh(cfg.mesh)
+  if mesh is not None:
+    log(f"mesh: {dict(mesh.shape)} over {mesh.size} devices (FSDP)")
+  timings: dict[str, float] = {}
+  rows, tok = _initial_rows(task, cfg, mesh, log)
+  base = rows["Initial"]
+  timings["models_s"] = time.perf_counter() - t_start
+  t0 = time.perf_counter()
+  task.prepare(tok, rows)
+  references = {name: [task.evaluate(m, tok)] for name, m in rows.items()}
+  del rows  # only the start of the runs is needed from here on
+  for name, runs in references.items():
+    log(f"[{name}] {task.describe_run(runs[0])}")
+  timings["reference_eval_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  run = _run_fn(task, base, tok, mesh, log)
+  runs = cli.sweep_runs(cfg, run, data=task.data_name, describe=task.describe_run, log=log)
+  timings["runs_s"] = time.perf_counter() - t0
+  results, histories, curves = cli.tabulate(references, runs, cfg)
+  timings["total_s"] = time.perf_counter() - t_start
+  config = _config(task, cfg, tok, timings)
+  if not distributed.is_primary():
+    return report.results_json(results, loss_histories=histories, config=config)
   files = report.write_report(
     cfg.out,
     results,
@@ -172,6 +167,8 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
     title=task.title,
     columns=task.columns,
     legend=task.legend,
+    tradeoff=curves if task.tradeoff_axes else None,
+    tradeoff_axes=task.tradeoff_axes or report.TRADEOFF_AXES,
   )
   responses = _write_per_item(Path(cfg.out) / "per_item.jsonl", results)
   log(

@@ -135,6 +135,7 @@ class SafetyTask(Task):
     "Utility = mean of Seed ROUGE and downstream accuracies; OVR (ours) = (Safety + Utility) / 2, "
     "this project's definition. Mean ± sample std over seeds."
   )
+  tradeoff_axes = (("utility", "utility ↑"), ("safety", "safety (mean of the four sets) ↑"))
 
   def __init__(self, cfg: Any):
     if cfg.data_dir is None:

@@ -41,6 +41,7 @@ class UnlearningTask(Task):
 
   name = "tofu"
   legend = report.LEGEND
+  tradeoff_axes = report.TRADEOFF_AXES
 
   def __init__(self, cfg: Any, data: D.UnlearningData):
     if cfg.model is not None:
