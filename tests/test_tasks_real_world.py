@@ -58,7 +58,9 @@ def test_tiny_real_world_run_writes_ufe_mu_ovr(shared_data, tmp_path):
     assert column in header
   doc = json.loads((tmp_path / "o" / "results.json").read_text())
   assert list(doc["rows"]) == ["Initial", "Retain-only", "alternate", "dualoptim_plus"]
-  assert doc["components"]["model_utility"] == ["retain_prob", "retain_rouge", "retain_truth_ratio"]
+  assert doc["components"]["model_utility"] == [
+    "retain_prob", "retain_rouge", "retain_truth_ratio", "retain_token_entropy"
+  ]
   for row in doc["rows"].values():
     assert 0.0 <= row["mean"]["downstream_gsm8k"] <= 1.0
   assert doc["config"]["data"].startswith("real_world: forget=400, retain=400")

@@ -823,19 +823,25 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
   return Setup(data, tok, base, tune("retain", data.retain, donate=True), mesh)
 
 
-def evaluate(setup: Setup, cfg: RunConfig, model: nnx.Module, ratios=None) -> dict[str, Any]:
-  """:func:`dualoptim_jax.unlearn.metrics.evaluate` with the job's settings; token entropy
-  counts in model utility, as the authors count it."""
-  return metrics.evaluate(
-    model,
-    setup.tok,
-    setup.data,
-    retain_only_truth_ratios=ratios,
+def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:
+  """The keywords of :func:`dualoptim_jax.unlearn.metrics.evaluate` that every forget / retain
+  task (TOFU, real-world) evaluates with: greedy answers of ``--max-new-tokens`` (default 48 new
+  tokens on the built-in data, 128 on file data), ``--eval-items`` per split, and token entropy
+  counted in model utility, as the authors count it."""
+  return dict(
     max_new_tokens=cfg.max_new_tokens or (48 if cfg.data_dir is None else 128),
     max_len=cfg.max_len,
     max_items=cfg.eval_items,
     extra_metrics=("token_entropy",),
     progress=cfg.progress,
+  )
+
+
+def evaluate(setup: Setup, cfg: RunConfig, model: nnx.Module, ratios=None) -> dict[str, Any]:
+  """:func:`dualoptim_jax.unlearn.metrics.evaluate` with the job's settings
+  (:func:`evaluation_settings`)."""
+  return metrics.evaluate(
+    model, setup.tok, setup.data, retain_only_truth_ratios=ratios, **evaluation_settings(cfg)
   )
 
 

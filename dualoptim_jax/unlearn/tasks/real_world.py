@@ -11,9 +11,10 @@ The task presumes a model that knows these people. A built-in model does not, so
 fine-tune teaches forget + neighbour (``Initial``), and neighbour only (``Retain-only``, the
 reference of forget quality), exactly as the TOFU path teaches its authors; a ``--model`` is
 fine-tuned the same way on the ``--forget-items`` / ``--retain-items`` subset. Utility is the task's
-own: MU is the harmonic mean of probability, ROUGE-L and truth ratio on the neighbour set (TOFU's
-real-authors / world-facts sets are not used), and the ``--downstream`` sets (GSM8K exact match,
-multiple-choice accuracy) are reported beside it. UFE and OVR as in TOFU.
+own: MU is the harmonic mean of probability, ROUGE-L, truth ratio and token entropy on the
+neighbour set (TOFU's real-authors / world-facts sets are not used; the evaluation settings are
+the TOFU job's, :func:`dualoptim_jax.unlearn.cli.evaluation_settings`), and the ``--downstream``
+sets (GSM8K exact match, multiple-choice accuracy) are reported beside it. UFE and OVR as in TOFU.
 """
 
 from __future__ import annotations

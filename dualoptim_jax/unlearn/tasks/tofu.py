@@ -106,24 +106,23 @@ class UnlearningTask(Task):
     )
 
   def _evaluate(self, model: Any, tok: Any, ratios: np.ndarray | None) -> dict[str, Any]:
-    cfg = self.cfg
+    from dualoptim_jax.unlearn.cli import evaluation_settings  # the TOFU job's settings
+
     return metrics.evaluate(
-      model,
-      tok,
-      self.data,
-      retain_only_truth_ratios=ratios,
-      max_new_tokens=cfg.max_new_tokens,
-      max_len=cfg.max_len,
-      max_items=cfg.eval_items,
-      progress=cfg.progress,
+      model, tok, self.data, retain_only_truth_ratios=ratios, **evaluation_settings(self.cfg)
     )
 
   def evaluate(self, model: Any, tok: Any) -> dict[str, Any]:
+    from dualoptim_jax.unlearn.cli import evaluation_settings
+
     out = self._evaluate(model, tok, self._ratios)
     if self.specs:
       cfg = self.cfg
       logprob_fn, generate_fn = metrics.model_fns(
-        model, tok, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len
+        model,
+        tok,
+        max_new_tokens=evaluation_settings(cfg)["max_new_tokens"],
+        max_len=cfg.max_len,
       )
       res = DS.evaluate_downstream(
         self.specs,
