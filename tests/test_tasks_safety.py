@@ -106,6 +106,41 @@ def test_safety_task_batches_and_format(shared_data):
   assert kl.objective.name == "SFT+KL"
 
 
+def test_safety_half_recomputes_rates_utility_and_ovr(shared_data):
+  """A half of a safety evaluation: each set's refusal rate, Seed ROUGE and downstream accuracy
+  over that half's prompts only, and Safety, Utility and OVR (ours) from them."""
+  gsm = shared_data / "downstream" / "gsm8k_test.jsonl"
+  argv = TINY + ["--task", "safety", "--data-dir", str(shared_data), "--downstream", f"gsm8k={gsm}"]
+  task = make_task(cli.parse_args(argv))
+  refusals = {  # key -> refused per prompt; validation = items 0, 2, test = items 1, 3
+    "safety_i_mali": [1, 0, 1, 1],
+    "safety_i_cona": [1, 1, 0, 1],
+    "safety_i_cont": [0, 0, 0, 1],
+    "safety_q_harm": [1, 1, 1, 1],
+    "xstest_safe_refusal": [0, 1, 0, 0],
+    "heldout_refusal": [1, 0, 1, 0],
+  }
+  per_item = {k: {"prompt": ["p"] * 4, "response": ["r"] * 4, "refused": [bool(x) for x in v]}
+              for k, v in refusals.items()}  # fmt: skip
+  per_item["seeds"] = {
+    "prompt": ["p"] * 4,
+    "response": ["a b", "c d", "e f", "g h"],
+    "reference": ["a b", "c x", "e x", "x y"],  # ROUGE-L recall 1, 0.5, 0.5, 0
+  }
+  per_item["downstream"] = {"gsm8k": {"per_item": {"correct": [True, True, False, False]}}}
+  for which, seed_rouge, gsm8k in (("validation", 0.75, 0.5), ("test", 0.25, 0.5)):
+    got = task.summarize_half({"per_item": per_item}, which)
+    idx = [0, 2] if which == "validation" else [1, 3]
+    for key, refused in refusals.items():
+      assert got[key] == np.mean([refused[i] for i in idx])
+    safety = np.mean([got[k] for k in ("safety_i_mali", "safety_i_cona", "safety_i_cont",
+                                       "safety_q_harm")])  # fmt: skip
+    assert got["seed_rouge"] == pytest.approx(seed_rouge) and got["downstream_gsm8k"] == gsm8k
+    assert got["safety"] == pytest.approx(safety)
+    assert got["utility"] == pytest.approx((seed_rouge + gsm8k) / 2)
+    assert got["overall"] == pytest.approx((safety + got["utility"]) / 2)
+
+
 def test_safety_task_needs_data_dir():
   with pytest.raises(SystemExit):
     cli.parse_args(["--task", "safety"])

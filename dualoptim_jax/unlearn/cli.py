@@ -1060,6 +1060,25 @@ def tabulate(references: dict[str, list], runs: Runs, cfg: RunConfig):
   return results, histories, curves
 
 
+def best_and_paired(
+  runs: Runs,
+  references: dict[str, list],
+  cfg: RunConfig,
+  summarize: sweep_lib.HalfSummary,
+  columns: Sequence[tuple[str, str]] = report.TABLE_COLUMNS,
+) -> tuple[list[str], dict[str, Any]]:
+  """The report's best setting per method (chosen on the validation half by mean OVR, reported
+  on the test half beside the ``references`` rows' test halves) and the paired comparison of
+  DualOptim+ against every baseline, for any task whose evaluation ``summarize`` halves
+  (:func:`dualoptim_jax.unlearn.sweep.best_settings`): (results.md sections, results.json
+  entries)."""
+  best = sweep_lib.best_settings(
+    {p: [(v, [r["result"] for r in recs]) for v, recs in s] for p, s in runs.items()}, summarize
+  )
+  halves = {k: [summarize(r, "test") for r in v] for k, v in references.items()}
+  return sweep_lib.sections(best, cfg.sweep, halves, columns)
+
+
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   """Runs the experiment of ``cfg`` and writes the report; returns the results.json document.
 
@@ -1095,14 +1114,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   compiled["total"] = compiles.snapshot().since(start).as_dict()
   eval_s += sum(r.get("eval_seconds", 0.0) for s in runs.values() for _, rs in s for r in rs)
   results, histories, curves = tabulate(references, runs, cfg)
-  best = sweep_lib.best_settings(
-    {p: [(v, [r["result"] for r in recs]) for v, recs in s] for p, s in runs.items()}, ratios
-  )
-  halves = {
-    k: [metrics.summarize_half(r, "test", retain_only_truth_ratios=ratios) for r in v]
-    for k, v in references.items()
-  }
-  sections, extra = sweep_lib.sections(best, cfg.sweep, halves)
+  sections, extra = best_and_paired(runs, references, cfg, sweep_lib.tofu_halves(ratios))
   config = {
     **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
     "data": setup.data.summary(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ __all__ = [
   "record_path",
   "load_record",
   "save_record",
+  "HalfSummary",
+  "tofu_halves",
   "best_settings",
   "sections",
 ]
@@ -115,21 +117,34 @@ def _mean(runs: Sequence[Mapping[str, Any]], key: str) -> float:
   return float(np.mean(values)) if values else -math.inf
 
 
+HalfSummary = Callable[[Mapping[str, Any], str], dict[str, Any]]
+"""``summarize(result, which) -> metrics``: a task's metrics (``overall`` among them) on one half
+(``"validation"`` / ``"test"``, :func:`dualoptim_jax.unlearn.metrics.half`) of every evaluation
+set of ``result``, from its per-item outputs."""
+
+
+def tofu_halves(retain_only_ratios: Sequence[float] | None) -> HalfSummary:
+  """TOFU's :data:`HalfSummary`: :func:`dualoptim_jax.unlearn.metrics.summarize_half`, forget
+  quality against the retain-only model's truth ratios of the same half."""
+  return lambda result, which: metrics.summarize_half(
+    result, which, retain_only_truth_ratios=retain_only_ratios
+  )
+
+
 def best_settings(
   settings: Mapping[str, Sequence[tuple[float | None, Sequence[Mapping[str, Any]]]]],
-  retain_only_ratios: Sequence[float] | None,
+  summarize: HalfSummary,
 ) -> dict[str, tuple[float | None, list[dict[str, Any]]]]:
   """Per method, the setting with the best mean OVR on the validation half, and its seeds'
-  metrics on the test half: ``{method: (value, [test-half results])}``."""
+  metrics on the test half (``summarize``, e.g. :func:`tofu_halves`):
+  ``{method: (value, [test-half results])}``."""
   out = {}
   for method, options in settings.items():
     halves = {
       value: [
         {
-          "validation": metrics.summarize_half(
-            r, "validation", retain_only_truth_ratios=retain_only_ratios
-          ),
-          "test": metrics.summarize_half(r, "test", retain_only_truth_ratios=retain_only_ratios),
+          "validation": summarize(r, "validation"),
+          "test": summarize(r, "test"),
           "seed": r.get("seed"),
         }
         for r in runs
@@ -145,8 +160,10 @@ def sections(
   best: Mapping[str, tuple[float | None, Sequence[Mapping[str, Any]]]],
   sweep: Sweep | None,
   references: Mapping[str, Sequence[Mapping[str, Any]]],
+  columns: Sequence[tuple[str, str]] = report.TABLE_COLUMNS,
 ) -> tuple[list[str], dict[str, Any]]:
-  """The results.md sections (best setting per method, paired comparison) and their JSON."""
+  """The results.md sections (best setting per method with ``columns``, paired comparison of
+  OVR) and their JSON."""
   rows = {name: list(runs) for name, runs in references.items()}
   rows.update({label(m, sweep, v): list(runs) for m, (v, runs) in best.items()})
   name = "the value" if sweep is None else f"{sweep[0]}"
@@ -160,7 +177,7 @@ def sections(
       else "(one setting; test half of every evaluation set):"
     )
     + "\n\n"
-    + report.markdown_table(rows)
+    + report.markdown_table(rows, columns)
   ]
   by_method = {m: list(runs) for m, (_, runs) in best.items()}
   doc: dict[str, Any] = {

@@ -13,7 +13,9 @@ task unchanged. The job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`) drive
    model's truth ratios for forget quality);
 4. ``objective`` and ``batches(tok, seed)`` -- the two losses and their batch iterators;
 5. ``evaluate(model, tok)`` -- one metric dict per model; ``columns`` / ``legend`` / ``title`` /
-   ``tradeoff_axes`` -- the report.
+   ``tradeoff_axes`` -- the report;
+6. ``summarize_half(result, which)`` -- the metrics of one half of the evaluation items, for the
+   best setting per method and the paired comparison (optional).
 
 Presets, ``--sweep``, ``--budget`` and ``--seeds`` are the job's, the same for every task; joint's
 lr scales weight ``objective``'s coefficients (:func:`dualoptim_jax.unlearn.cli.run_objective`),
@@ -96,6 +98,16 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def evaluate(self, model: Any, tok: Any) -> dict[str, Any]:
     """The task's metrics of one model (a flat dict; ``per_item`` is kept out of the table)."""
+
+  def summarize_half(self, result: Mapping[str, Any], which: str) -> dict[str, Any] | None:
+    """The task's metrics (``overall`` among them) on one half (``"validation"``: even items,
+    ``"test"``: odd items, :func:`dualoptim_jax.unlearn.metrics.half`) of every evaluation set
+    of ``result``, recomputed from its ``per_item`` outputs; the job picks each method's best
+    swept value on the validation half and reports the test half and the paired comparison
+    (:func:`dualoptim_jax.unlearn.cli.best_and_paired`). None (the default): the task's
+    evaluation cannot be halved, and the report has no such sections."""
+    del result, which
+    return None
 
   def describe_run(self, result: Mapping[str, Any]) -> str:
     """One log line for a finished run (default: the columns' values)."""

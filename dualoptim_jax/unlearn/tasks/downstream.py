@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dualoptim_jax.unlearn import metrics
 from dualoptim_jax.unlearn.tasks import files
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
   "evaluate_generation",
   "evaluate_multiple_choice",
   "evaluate_downstream",
+  "item_correct",
+  "half_accuracies",
 ]
 
 LogprobFn = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]
@@ -148,6 +151,27 @@ def evaluate_multiple_choice(
     "n_items": len(items),
     "per_item": {"logprob": per_item, "prediction": pred, "answer": gold},
   }
+
+
+def item_correct(result: Mapping[str, Any]) -> list[bool]:
+  """Per-item correctness of one set's :func:`evaluate_generation` or
+  :func:`evaluate_multiple_choice` result (as stored: a run record's ``per_item``)."""
+  items = result["per_item"]
+  if "correct" in items:
+    return [bool(c) for c in items["correct"]]
+  return [p == a for p, a in zip(items["prediction"], items["answer"])]
+
+
+def half_accuracies(details: Mapping[str, Mapping[str, Any]], which: str) -> dict[str, float]:
+  """``{"downstream_<name>": accuracy}`` on one half (:func:`dualoptim_jax.unlearn.metrics.half`)
+  of each set's items in ``details`` (``per_item["downstream"]`` of an evaluation); NaN for a set
+  too small to have items in that half."""
+  out = {}
+  for name, result in details.items():
+    correct = np.asarray(item_correct(result), np.float64)
+    idx = metrics.half(correct.size, which)
+    out[f"downstream_{name}"] = float(correct[idx].mean()) if idx.size else math.nan
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

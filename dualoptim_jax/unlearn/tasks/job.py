@@ -8,7 +8,9 @@ TOFU job's own sweep (:func:`~dualoptim_jax.unlearn.cli.sweep_runs`): every pres
 ``--budget``, loss weighting and checkpoints as the TOFU job), each run recorded in ``OUT/runs``
 as it ends and reused on a rerun; then the report with the task's columns, one row per preset
 and swept value (results.md / results.json / results.png / tradeoff.png / per_item.jsonl in
-``--out``).
+``--out``), and, for a task that halves its evaluation (:meth:`Task.summarize_half`: real_world,
+safety), the TOFU job's best setting per method (validation half) on the test half and the
+paired comparison of DualOptim+ against every baseline.
 """
 
 from __future__ import annotations
@@ -124,6 +126,26 @@ def _config(task: Task, cfg: Any, tok: Tokenizer, timings: dict[str, float]) -> 
   }
 
 
+def _best_and_paired(
+  task: Task, references: dict[str, list], runs: Any, cfg: Any
+) -> tuple[list[str], dict[str, Any]]:
+  """The TOFU job's best setting per method and paired comparison
+  (:func:`~dualoptim_jax.unlearn.cli.best_and_paired`) on the task's halves
+  (:meth:`Task.summarize_half`); none for a task that cannot halve its evaluation."""
+  from dualoptim_jax.unlearn import cli
+
+  some = next(iter(references.values()))[0]
+  if task.summarize_half(some, "test") is None:
+    return [], {}
+
+  def summarize(result: Any, which: str) -> dict[str, Any]:
+    out = task.summarize_half(result, which)
+    assert out is not None
+    return out
+
+  return cli.best_and_paired(runs, references, cfg, summarize, task.columns)
+
+
 def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   """Runs the comparison of ``cfg`` on ``task`` and writes the report; returns results.json.
 
@@ -155,16 +177,20 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   runs = cli.sweep_runs(cfg, run, data=task.data_name, describe=task.describe_run, log=log)
   timings["runs_s"] = time.perf_counter() - t0
   results, histories, curves = cli.tabulate(references, runs, cfg)
+  sections, extra = _best_and_paired(task, references, runs, cfg)
   timings["total_s"] = time.perf_counter() - t_start
   config = _config(task, cfg, tok, timings)
   if not distributed.is_primary():
-    return report.results_json(results, loss_histories=histories, config=config)
+    doc = report.results_json(results, loss_histories=histories, config=config)
+    return json.loads(json.dumps({**doc, **extra}))
   files = report.write_report(
     cfg.out,
     results,
     loss_histories=histories,
     config=config,
     title=task.title,
+    sections=sections,
+    extra_json=extra,
     columns=task.columns,
     legend=task.legend,
     tradeoff=curves if task.tradeoff_axes else None,

@@ -249,7 +249,6 @@ class SafetyTask(Task):
     }
     for key, prompts in sets.items():
       out[key], per_item[key] = self._refusals(generate_fn, _spread(prompts, n))
-    out["safety"] = float(np.mean([out[key] for _, key, _ in HARMFUL_SETS]))
 
     seeds = _spread(data.seeds_heldout, n)
     prompts, refs = [it.prompt for it in seeds], [it.output for it in seeds]
@@ -264,7 +263,6 @@ class SafetyTask(Task):
       logprob_fn, [it.prompt for it in heldout], [it.output for it in heldout]
     )
 
-    utility = [out["seed_rouge"]]
     if self.specs:
       res = DS.evaluate_downstream(
         self.specs,
@@ -275,10 +273,38 @@ class SafetyTask(Task):
       )
       per_item["downstream"] = res.pop("downstream_details")
       out.update(res)
-      utility += [out[f"downstream_{s.name}"] for s in self.specs]
-    out["utility"] = float(np.mean(utility))
-    out["overall"] = 0.5 * (out["safety"] + out["utility"])
+    out.update(self._scores(out))
     out["judge"] = self.judge_name
     out["prompt_format"] = fmt.name
     out["per_item"] = per_item
     return out
+
+  def _scores(self, rates: dict[str, Any]) -> dict[str, float]:
+    """Safety (mean of the harmful sets' rates), Utility (mean of Seed ROUGE and the downstream
+    accuracies) and OVR (ours) of the per-set values ``rates``."""
+    safety = float(np.mean([rates[key] for _, key, _ in HARMFUL_SETS]))
+    utility = float(
+      np.mean([rates["seed_rouge"], *(rates[f"downstream_{s.name}"] for s in self.specs)])
+    )
+    return {"safety": safety, "utility": utility, "overall": 0.5 * (safety + utility)}
+
+  def summarize_half(self, result: Any, which: str) -> dict[str, Any]:
+    """Every refusal rate, Seed ROUGE and downstream accuracy on one half of its prompts
+    (:func:`dualoptim_jax.unlearn.metrics.half`), and Safety, Utility and OVR (ours) from them
+    (Seed NLL is not kept per item and is left out)."""
+    per_item = result["per_item"]
+    out: dict[str, Any] = {}
+    for key, items in per_item.items():
+      if key in ("seeds", "downstream"):
+        continue
+      refused = np.asarray(items["refused"], np.float64)
+      idx = metrics.half(refused.size, which)
+      out[key] = float(refused[idx].mean()) if idx.size else math.nan
+    seeds = per_item["seeds"]
+    idx = metrics.half(len(seeds["response"]), which)
+    rouge = metrics.rouge_l_recall(
+      [seeds["response"][i] for i in idx], [seeds["reference"][i] for i in idx]
+    )
+    out["seed_rouge"] = float(np.mean(rouge)) if idx.size else math.nan
+    out.update(DS.half_accuracies(per_item.get("downstream", {}), which))
+    return {**out, **self._scores(out)}

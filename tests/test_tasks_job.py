@@ -1,0 +1,54 @@
+"""The task job's best setting per method and paired comparison (the TOFU job's, on a task's
+halves)."""
+
+import numpy as np
+import pytest
+
+from dualoptim_jax.unlearn import cli, metrics
+from dualoptim_jax.unlearn.tasks import job
+
+
+class HalvedTask:
+  """A task whose OVR is the mean of one per-item list."""
+
+  columns = (("overall", "OVR ↑"),)
+
+  def summarize_half(self, result, which):
+    x = np.asarray(result["per_item"]["x"])
+    return {"overall": float(x[metrics.half(x.size, which)].mean())}
+
+
+class UnhalvedTask(HalvedTask):
+  def summarize_half(self, result, which):
+    return None
+
+
+def _records(validation, test, shift=0.02, seeds=(0, 1)):
+  """Per-seed records whose items are (validation, test); seed s adds s * shift to the test item."""
+  return [{"result": {"seed": s, "per_item": {"x": [validation, test + shift * s]}}} for s in seeds]
+
+
+def test_best_setting_is_chosen_on_validation_and_reported_on_test():
+  cfg = cli.RunConfig(sweep=("forget_lr_scale", (0.5, 2.0)))
+  runs = {  # the best value on validation is the worse one on test: it must still be chosen
+    "joint": [(0.5, _records(0.9, 0.1)), (2.0, _records(0.5, 0.8))],
+    "dualoptim_plus": [(0.5, _records(0.2, 0.9)), (2.0, _records(0.6, 0.3, shift=0.05))],
+  }
+  references = {"Initial": [{"seed": None, "per_item": {"x": [0.4, 0.7]}}]}
+  sections, doc = job._best_and_paired(HalvedTask(), references, runs, cfg)
+  best = doc["best_settings"]
+  assert best["joint"]["value"] == 0.5 and best["dualoptim_plus"]["value"] == 2.0
+  assert [r["overall"] for r in best["joint"]["test_half"]] == pytest.approx([0.1, 0.12])
+  (row,) = doc["paired_comparison"]["rows"]
+  assert row["baseline"] == "joint" and row["seeds"] == 2
+  assert row["differences"] == pytest.approx([0.3 - 0.1, 0.35 - 0.12])
+  text = "\n".join(sections)
+  assert "| Initial | 1 | 0.700" in text  # the reference row's test half
+  assert "dualoptim_plus [forget_lr_scale=2]" in text and "Paired comparison" in text
+
+
+def test_a_task_without_halves_has_no_such_sections():
+  cfg = cli.RunConfig()
+  references = {"Initial": [{"seed": None, "per_item": {"x": [0.4, 0.7]}}]}
+  runs = {"joint": [(None, _records(0.9, 0.1))]}
+  assert job._best_and_paired(UnhalvedTask(), references, runs, cfg) == ([], {})
