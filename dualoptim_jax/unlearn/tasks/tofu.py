@@ -139,9 +139,8 @@ class UnlearningTask(Task):
     """:func:`dualoptim_jax.unlearn.metrics.summarize_half` (forget quality against the
     retain-only model's ratios of the same half) and the downstream accuracies of the half."""
     per_item = {k: v for k, v in result["per_item"].items() if k != "downstream"}
-    out = metrics.summarize_half(
-      {"per_item": per_item}, which, retain_only_truth_ratios=self._ratios
-    )
+    ratios = None if self._ratios is None else self._ratios.tolist()
+    out = metrics.summarize_half({"per_item": per_item}, which, retain_only_truth_ratios=ratios)
     return {**out, **DS.half_accuracies(result["per_item"].get("downstream", {}), which)}
 
   def describe_run(self, result: Mapping[str, Any]) -> str:
