@@ -1085,9 +1085,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   In a multi-process job every process runs this; process 0 alone logs, shows progress and
   writes the report (the others return the document without writing it). ``--task real_world`` /
   ``safety`` run through the task job (:func:`dualoptim_jax.unlearn.tasks.job.run_task`), with
-  the same sweep, records, budgets and loss weighting (:func:`sweep_runs`,
-  :func:`unlearn_and_evaluate`); ``tofu`` runs here and adds the best setting per method on
-  the validation / test halves and the paired comparison.
+  the same sweep, records, budgets, loss weighting and best-setting / paired-comparison
+  sections (:func:`sweep_runs`, :func:`unlearn_and_evaluate`, :func:`best_and_paired`);
+  ``tofu`` runs here.
   """
   if cfg.task != "tofu":
     from dualoptim_jax.unlearn.tasks.job import run_task
