@@ -47,8 +47,12 @@ def test_best_setting_is_chosen_on_validation_and_reported_on_test():
   assert "dualoptim_plus [forget_lr_scale=2]" in text and "Paired comparison" in text
 
 
-def test_a_task_without_halves_has_no_such_sections():
-  cfg = cli.RunConfig()
+def test_no_sections_without_halves_or_with_one_evaluation_item():
   references = {"Initial": [{"seed": None, "per_item": {"x": [0.4, 0.7]}}]}
   runs = {"joint": [(None, _records(0.9, 0.1))]}
-  assert job._best_and_paired(UnhalvedTask(), references, runs, cfg) == ([], {})
+  assert job._best_and_paired(UnhalvedTask(), references, runs, cfg := cli.RunConfig()) == ([], {})
+  assert job._best_and_paired(HalvedTask(), references, runs, cfg)[1]["best_settings"]
+  logged = []
+  one = cli.RunConfig(eval_items=1)
+  assert job._best_and_paired(HalvedTask(), references, runs, one, logged.append) == ([], {})
+  assert "no test half" in logged[0]

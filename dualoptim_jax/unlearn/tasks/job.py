@@ -127,15 +127,20 @@ def _config(task: Task, cfg: Any, tok: Tokenizer, timings: dict[str, float]) -> 
 
 
 def _best_and_paired(
-  task: Task, references: dict[str, list], runs: Any, cfg: Any
+  task: Task, references: dict[str, list], runs: Any, cfg: Any, log=print
 ) -> tuple[list[str], dict[str, Any]]:
   """The TOFU job's best setting per method and paired comparison
   (:func:`~dualoptim_jax.unlearn.cli.best_and_paired`) on the task's halves
-  (:meth:`Task.summarize_half`); none for a task that cannot halve its evaluation."""
+  (:meth:`Task.summarize_half`); none for a task that cannot halve its evaluation, or with
+  fewer than two evaluation items (no test half: said in the log, not raised at the end of the
+  runs)."""
   from dualoptim_jax.unlearn import cli
 
   some = next(iter(references.values()))[0]
-  if task.summarize_half(some, "test") is None:
+  if task.summarize_half(some, "validation") is None:
+    return [], {}
+  if cfg.eval_items < 2:
+    log("no best setting per method or paired comparison: --eval-items < 2 leaves no test half")
     return [], {}
 
   def summarize(result: Any, which: str) -> dict[str, Any]:
@@ -177,7 +182,7 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   runs = cli.sweep_runs(cfg, run, data=task.data_name, describe=task.describe_run, log=log)
   timings["runs_s"] = time.perf_counter() - t0
   results, histories, curves = cli.tabulate(references, runs, cfg)
-  sections, extra = _best_and_paired(task, references, runs, cfg)
+  sections, extra = _best_and_paired(task, references, runs, cfg, log)
   timings["total_s"] = time.perf_counter() - t_start
   config = _config(task, cfg, tok, timings)
   if not distributed.is_primary():
