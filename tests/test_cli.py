@@ -223,12 +223,22 @@ def test_sweep_flag_parsing_and_errors(capsys):
   assert cfg.sweep == ("forget_lr_scale", (0.5, 2.0))
   for argv, message in (
     (["--sweep", "steps=1,2"], "--sweep: 'steps' is not a float flag"),
+    (["--sweep", "nope=1,2"], "--sweep: 'nope' is not a flag"),
+    *(
+      (["--sweep", f"{name}=1,2"], f"--sweep: {name!r} does not shape an unlearning run")
+      for name in ("finetune_lr", "finetune_epochs", "model_seed", "forget_items", "eval_items")
+    ),
     (["--sweep", "lr=1e-3,-1"], "--sweep lr=-1: --lr must be > 0, got -1.0"),
     (["--sweep", "lr"], "--sweep must be valid, got 'lr'"),
   ):
     with pytest.raises(SystemExit):
       cli.parse_args(argv)
     assert message in capsys.readouterr().err
+  sweepable = cli.sweepable()
+  assert {"lr", "forget_lr_scale", "retain_lr_scale", "beta"} <= set(sweepable)
+  assert "finetune_lr" not in sweepable and "epochs" in sweepable
+  for name in sweepable:  # each one parses as a sweep
+    assert cli.parse_args(["--sweep", f"{name}=0.5,1"]).sweep == (name, (0.5, 1.0))
 
 
 @pytest.mark.slow

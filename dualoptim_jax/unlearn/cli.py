@@ -207,9 +207,9 @@ class RunConfig:
   ``parse=`` gives one; ``check`` validates the parsed value (see :class:`Flag`). Pass
   ``run_setting=False`` for a flag that does not change a run's result (where and how the job
   runs: output, caches, devices, processes), so finished runs recorded under another value are
-  still reused. A float field can be swept (``--sweep name=...``). :func:`build_parser`,
-  :func:`parse_args`, the validation (``__post_init__``, so a config built in Python is checked
-  too) and :func:`run_settings` read the table; settings that involve several fields are checked
+  still reused. A float field of group ``unlearning`` can be swept (:func:`sweepable`).
+  :func:`build_parser`, :func:`parse_args`, the validation (``__post_init__``, so a config built
+  in Python is checked too) and :func:`run_settings` read the table; settings that involve several fields are checked
   in :meth:`_cross_checks`. Example::
 
       compile_cache: str | None = flag(
@@ -275,7 +275,8 @@ class RunConfig:
   )
   sweep: sweep_lib.Sweep | None = flag(
     None,
-    "NAME=V1,V2,...: run every preset and seed at each value of the float flag NAME, e.g. "
+    "NAME=V1,V2,...: run every preset and seed at each value of the float unlearning flag NAME, "
+    "e.g. "
     "forget_lr_scale=0.5,1,2 or lr=1e-4,3e-4; each run is written to OUT/runs as it ends and a "
     "rerun skips finished runs",
     group=UNLEARN,
@@ -462,16 +463,43 @@ class RunConfig:
     except ValueError as e:
       out.append(str(e))
     if self.sweep is not None:
-      name, values = self.sweep
-      floats = [f for f, t in _field_types().items() if t is float]
-      if name not in floats:
-        out.append(f"--sweep: {name!r} is not a float flag; sweepable: {', '.join(floats)}")
-      for value in values if name in floats else ():
-        try:
-          dataclasses.replace(self, sweep=None, **{name: value})
-        except ValueError as e:
-          out.append(f"--sweep {name}={value:g}: {e}")
+      out += _sweep_complaints(self)
     return out
+
+
+def sweepable() -> list[str]:
+  """The flags ``--sweep`` takes: the float flags of an unlearning run (group
+  ``unlearning``). The others do not shape a run from the tuned model: every swept value starts
+  from the same tuned model (``finetune_*``, ``model_*``, data subsets) and is evaluated alike
+  (``eval_items``, ``max_new_tokens``)."""
+  groups = {f.name: f.metadata["flag"].group for f in dataclasses.fields(RunConfig)}
+  return [f for f, t in _field_types().items() if t is float and groups[f] == UNLEARN]
+
+
+def _sweep_complaints(cfg: RunConfig) -> list[str]:
+  """Complaints about ``cfg.sweep``: a flag that is not :func:`sweepable`, or a bad value."""
+  assert cfg.sweep is not None
+  name, values = cfg.sweep
+  names = sweepable()
+  if name not in names:
+    flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(RunConfig)}
+    if name not in flags:
+      why = "is not a flag"
+    elif flags[name].group != UNLEARN or not flags[name].run_setting:
+      why = (
+        "does not shape an unlearning run: every swept value would start from the same tuned "
+        "model and be evaluated alike"
+      )
+    else:
+      why = "is not a float flag"
+    return [f"--sweep: {name!r} {why}; sweepable: {', '.join(names)}"]
+  out = []
+  for value in values:
+    try:
+      dataclasses.replace(cfg, sweep=None, **{name: value})
+    except ValueError as e:
+      out.append(f"--sweep {name}={value:g}: {e}")
+  return out
 
 
 def option(name: str, default: Any = None) -> str:
