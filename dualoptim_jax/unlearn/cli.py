@@ -209,8 +209,8 @@ class RunConfig:
   runs: output, caches, devices, processes), so finished runs recorded under another value are
   still reused. A float field of group ``unlearning`` can be swept (:func:`sweepable`).
   :func:`build_parser`, :func:`parse_args`, the validation (``__post_init__``, so a config built
-  in Python is checked too) and :func:`run_settings` read the table; settings that involve several fields are checked
-  in :meth:`_cross_checks`. Example::
+  in Python is checked too) and :func:`run_settings` read the table; settings that involve
+  several fields are checked in :meth:`_cross_checks`. Example::
 
       compile_cache: str | None = flag(
         None, "JAX compilation cache directory", group=DEVICES, run_setting=False
@@ -276,8 +276,7 @@ class RunConfig:
   sweep: sweep_lib.Sweep | None = flag(
     None,
     "NAME=V1,V2,...: run every preset and seed at each value of the float unlearning flag NAME, "
-    "e.g. "
-    "forget_lr_scale=0.5,1,2 or lr=1e-4,3e-4; each run is written to OUT/runs as it ends and a "
+    "e.g. forget_lr_scale=0.5,1,2 or lr=1e-4,3e-4; each run is written to OUT/runs as it ends and a "
     "rerun skips finished runs",
     group=UNLEARN,
     parse=sweep_lib.parse_sweep,
