@@ -276,8 +276,8 @@ class RunConfig:
   sweep: sweep_lib.Sweep | None = flag(
     None,
     "NAME=V1,V2,...: run every preset and seed at each value of the float unlearning flag NAME, "
-    "e.g. forget_lr_scale=0.5,1,2 or lr=1e-4,3e-4; each run is written to OUT/runs as it ends and a "
-    "rerun skips finished runs",
+    "e.g. forget_lr_scale=0.5,1,2 or lr=1e-4,3e-4; each run is written to OUT/runs as it ends "
+    "and a rerun skips finished runs",
     group=UNLEARN,
     parse=sweep_lib.parse_sweep,
     run_setting=False,
