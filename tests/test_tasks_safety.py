@@ -208,6 +208,11 @@ def test_safety_sweep_writes_a_record_per_run_and_a_rerun_skips_them(
     f"{p} [forget_lr_scale={v}]" for p in ("joint", "alternate") for v in ("0.5", "2")
   ]
   assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+  best = doc["best_settings"]  # chosen on the validation halves of the prompt sets
+  assert sorted(best) == ["alternate", "joint"]
+  assert all(b["value"] in (0.5, 2.0) and len(b["test_half"]) == 1 for b in best.values())
+  best_table = (out / "results.md").read_text().split("Best setting per method")[1]
+  assert "I-Mali ↑" in best_table and "OVR (ours) ↑" in best_table
 
   def no_run(*args, **kwargs):
     raise AssertionError("a finished run was run again")
