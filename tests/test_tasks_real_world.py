@@ -160,7 +160,7 @@ def _validation_ovr(out, method, value):
   return float(np.mean(ovr))
 
 
-@pytest.mark.slow  # ~2 min on a loaded 2-core CPU
+@pytest.mark.slow  # ~45 s on a loaded 2-core CPU (8 runs)
 def test_real_world_report_has_best_settings_and_paired_comparison(shared_data, tmp_path):
   """Two seeds, a sweep: each method's best value on the validation half, its test half in
   results.md, and DualOptim+ against joint paired by seed."""
