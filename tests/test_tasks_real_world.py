@@ -46,6 +46,25 @@ def test_task_adds_downstream_columns(shared_data, tmp_path):
   assert keys[-1] == "downstream_gsm8k" and "forget_efficacy" in keys and "overall" in keys
 
 
+def test_built_in_model_is_taught_the_neighbour_facts_that_mu_scores(shared_data):
+  """The neighbour evaluation set asks other questions than the neighbour training set, so a
+  built-in model (no pretrained knowledge) learns them in both initial fine-tunes; a pretrained
+  --model is tuned on the forget / neighbour training items only."""
+  cfg = cli.parse_args(["--task", "real_world", "--data-dir", str(shared_data)])
+  task = make_task(cfg)
+  data = task.data
+  assert not {it.question for it in data.retain} & {it.question for it in data.retain_eval}
+  tuned = {}
+  tune = lambda kind, items: tuned.setdefault(kind, [it.question for it in items])
+  task.initial_models(tune, None, None)
+  scored = [it.question for it in data.retain_eval]
+  assert set(scored) <= set(tuned["full"]) and set(scored) <= set(tuned["retain"])
+  assert not set(it.question for it in data.forget) & set(tuned["retain"])
+  tuned.clear()
+  task.initial_models(tune, object(), None)
+  assert not set(scored) & set(tuned["full"])
+
+
 @pytest.mark.slow  # ~2 min on a loaded 2-core CPU
 def test_tiny_real_world_run_writes_ufe_mu_ovr(shared_data, tmp_path):
   gsm = shared_data / "downstream" / "gsm8k_test.jsonl"

@@ -9,7 +9,8 @@ a model built from scratch cannot memorise at CPU scale.
 
 The task presumes a model that knows these people. A built-in model does not, so its initial
 fine-tune teaches forget + neighbour (``Initial``), and neighbour only (``Retain-only``, the
-reference of forget quality), exactly as the TOFU path teaches its authors; a ``--model`` is
+reference of forget quality), exactly as the TOFU path teaches its authors, and both also teach
+the neighbour evaluation facts (:meth:`RealWorldTask.general_knowledge`); a ``--model`` is
 fine-tuned the same way on the ``--forget-items`` / ``--retain-items`` subset. Utility is the task's
 own: MU is the harmonic mean of probability, ROUGE-L, truth ratio and token entropy on the
 neighbour set (TOFU's real-authors / world-facts sets are not used; the evaluation settings are
@@ -82,3 +83,10 @@ class RealWorldTask(UnlearningTask):
         "--task real_world needs --data-dir (a folder holding real_world/); it has no built-in data"
       )
     super().__init__(cfg, load_real_world_task(cfg.data_dir, cfg.task_id))
+
+  def general_knowledge(self) -> list[D.QAItem]:
+    """The neighbour *evaluation* facts: ``neighbor_perturbed.json`` asks other questions than
+    ``neighbor.json`` (none in common), which a pretrained model knows and a built-in one must be
+    taught in its initial fine-tunes, or MU measures knowledge it never had (0.003 answer
+    probability on the neighbour set, measured) instead of knowledge kept."""
+    return list(self.data.retain_eval)
