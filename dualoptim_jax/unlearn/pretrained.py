@@ -162,8 +162,10 @@ def subset(
   Forget: the first items of the task (TOFU lists an author's 20 questions together), and their
   rows of ``forget_eval``. Retain: the first retain items whose question is also in
   ``retain_eval``, which becomes exactly those items, so retain metrics score what the tuned
-  model was taught. ``None`` or 0 keeps a set whole. Real authors and world facts are untouched
-  (``--eval-items`` caps them).
+  model was taught. Where the two share no question (real-world unlearning: the neighbour
+  evaluation asks about other facts, which the pretrained model is meant to know), the first
+  ``retain_items`` retain items and the whole evaluation set. ``None`` or 0 keeps a set whole.
+  Real authors and world facts are untouched (``--eval-items`` caps them).
   """
   forget, forget_eval, retain, retain_eval = (
     data.forget,
@@ -175,8 +177,10 @@ def subset(
     forget = forget[:forget_items]
     questions = {it.question for it in forget}
     forget_eval = [it for it in forget_eval if it.question in questions]
-  if retain_items:
-    evaluated = {it.question: it for it in retain_eval}
+  evaluated = {it.question: it for it in retain_eval}
+  if retain_items and not any(it.question in evaluated for it in retain):
+    retain = retain[:retain_items]
+  elif retain_items:
     retain = [it for it in retain if it.question in evaluated][:retain_items]
     if len(retain) < retain_items:
       raise ValueError(
