@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -1042,6 +1043,8 @@ def _sweep_run(
     log(f"[{name}] finished earlier: {path}")
     return record
   record = {"fingerprint": fp, **run(cfg, preset, seed)}
+  gc.collect()  # the run's model and optimizer state: free them before the next run allocates
+  memory.release_freed_memory()
   if distributed.is_primary():  # one writer: the processes hold the same record
     sweep_lib.save_record(path, record)
   r = record["result"]
