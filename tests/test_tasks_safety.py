@@ -141,6 +141,25 @@ def test_safety_half_recomputes_rates_utility_and_ovr(shared_data):
     assert got["overall"] == pytest.approx((safety + got["utility"]) / 2)
 
 
+def test_responses_without_max_new_tokens_get_the_safety_default(shared_data, monkeypatch):
+  """The acceptance command gives no --max-new-tokens: responses are RESPONSE_TOKENS long."""
+  flags = [f for f in TINY if f not in ("--max-new-tokens", "4")]
+  cfg = cli.parse_args(flags + ["--task", "safety", "--data-dir", str(shared_data)])
+  assert cfg.max_new_tokens is None
+  task = make_task(cfg)
+  task.prepare(CharTokenizer(), {})
+  asked = {}
+
+  def format_fns(model, tok, fmt, *, max_new_tokens, max_len):
+    asked.update(max_new_tokens=max_new_tokens, max_len=max_len)
+    raise StopIteration
+
+  monkeypatch.setattr(formats, "format_fns", format_fns)
+  with pytest.raises(StopIteration):
+    task.evaluate(None, CharTokenizer())
+  assert asked == {"max_new_tokens": S.RESPONSE_TOKENS, "max_len": cfg.max_len}
+
+
 def test_safety_task_needs_data_dir():
   with pytest.raises(SystemExit):
     cli.parse_args(["--task", "safety"])

@@ -61,6 +61,9 @@ HARMFUL_SETS: tuple[tuple[str, str, str], ...] = (
   ("Q-Harm.json", "safety_q_harm", "Q-Harm ↑"),
 )
 HOLDOUT_FRACTION = 0.1
+# New tokens of a judged response without --max-new-tokens: a refusal shows in its first words,
+# and prompt + response must fit --max-len (TOFU's file-data default of 128 would not).
+RESPONSE_TOKENS = 48
 UTILITY_LOSSES = ("sft", "kl")
 
 
@@ -235,7 +238,7 @@ class SafetyTask(Task):
     cfg, data = self.cfg, self.data
     fmt = self.format or self._format(tok)
     logprob_fn, generate_fn = formats.format_fns(
-      model, tok, fmt, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len
+      model, tok, fmt, max_new_tokens=cfg.max_new_tokens or RESPONSE_TOKENS, max_len=cfg.max_len
     )
     n = cfg.eval_items
     out: dict[str, Any] = {}
