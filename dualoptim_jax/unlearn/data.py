@@ -321,6 +321,26 @@ def load_tofu(data_dir: str | Path, split: str = "forget01", task_id: int = 1) -
   )
 
 
+def real_world_forget_rows(
+  root: Path, task_id: int | None, fields: Mapping[str, str], perturbed: Mapping[str, str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """The rows of ``forget.json`` and ``forget_perturbed.json`` in ``root`` (checked against
+  ``fields`` / ``perturbed`` plus ``task_id``), only person ``task_id``'s if it is given.
+
+  Raises:
+    ValueError: a ``task_id`` that no row has.
+  """
+  forget = load_jsonl(root / "forget.json", {**fields, "task_id": "int"})
+  forget_eval = load_jsonl(root / "forget_perturbed.json", {**perturbed, "task_id": "int"})
+  if task_id is not None:
+    available = sorted({r["task_id"] for r in forget})
+    if task_id not in available:
+      raise ValueError(f"task_id must be None or one of {available}, got {task_id!r}")
+    forget = [r for r in forget if r["task_id"] == task_id]
+    forget_eval = [r for r in forget_eval if r["task_id"] == task_id]
+  return forget, forget_eval
+
+
 def load_real_world(data_dir: str | Path, task_id: int | None = None) -> UnlearningData:
   """Loads the real-world unlearning task (famous people) into the same structure.
 
@@ -336,14 +356,7 @@ def load_real_world(data_dir: str | Path, task_id: int | None = None) -> Unlearn
     when there is one, and are empty otherwise.
   """
   root = _resolve(data_dir, "real_world", "forget.json")
-  forget = load_jsonl(root / "forget.json", {**_QA, "task_id": "int"})
-  forget_eval = load_jsonl(root / "forget_perturbed.json", {**_PERTURBED, "task_id": "int"})
-  if task_id is not None:
-    available = sorted({r["task_id"] for r in forget})
-    if task_id not in available:
-      raise ValueError(f"task_id must be None or one of {available}, got {task_id!r}")
-    forget = [r for r in forget if r["task_id"] == task_id]
-    forget_eval = [r for r in forget_eval if r["task_id"] == task_id]
+  forget, forget_eval = real_world_forget_rows(root, task_id, _QA, _PERTURBED)
   tofu = root.parent / "tofu"
   has_tofu = (tofu / "real_authors_perturbed.json").is_file()
   return UnlearningData(

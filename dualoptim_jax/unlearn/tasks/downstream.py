@@ -48,8 +48,8 @@ __all__ = [
   "half_accuracies",
 ]
 
-LogprobFn = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]
-GenerateFn = Callable[[Sequence[str]], list[str]]
+LogprobFn = metrics.LogprobFn
+GenerateFn = metrics.GenerateFn
 
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
 

@@ -52,14 +52,7 @@ def load_real_world_task(data_dir: str | Path, task_id: int | None = None) -> D.
     DataFormatError: a missing file, or a row without a field, with file, line and field.
   """
   root = D._resolve(data_dir, "real_world", "forget.json")
-  forget = D.load_jsonl(root / "forget.json", {**_FIELDS, "task_id": "int"})
-  forget_eval = D.load_jsonl(root / "forget_perturbed.json", {**_PERTURBED, "task_id": "int"})
-  if task_id is not None:
-    available = sorted({r["task_id"] for r in forget})
-    if task_id not in available:
-      raise ValueError(f"task_id must be None or one of {available}, got {task_id!r}")
-    forget = [r for r in forget if r["task_id"] == task_id]
-    forget_eval = [r for r in forget_eval if r["task_id"] == task_id]
+  forget, forget_eval = D.real_world_forget_rows(root, task_id, _FIELDS, _PERTURBED)
   return D.UnlearningData(
     forget=_items(forget),
     retain=_items(D.load_jsonl(root / "neighbor.json", _FIELDS)),
