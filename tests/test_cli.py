@@ -300,6 +300,33 @@ def test_sweep_runs_records_every_run_once_for_any_run_function(tmp_path):
     sweep("other data")  # a record of other settings is never reused
 
 
+def test_sweep_runs_8bit_presets_at_their_methods_best_value(tmp_path):
+  """An 8-bit preset beside its 32-bit method is not swept: after the sweep it runs every seed at
+  the value its method scored best on the validation half."""
+  presets = ("dualoptim_8bit", "dualoptim", "alternate", "dualoptim_plus_8bit")
+  cfg = cli.RunConfig(presets=presets, seeds=(0, 1), sweep=("lr", (1e-4, 1e-3)), out=str(tmp_path))
+  calls, logs = [], []
+
+  def run(run_cfg, preset, seed):
+    calls.append((seed, preset, run_cfg.lr))
+    return {"result": {"lr": run_cfg.lr, "max_update_ratio": 1.0}, "seconds": 0.0}
+
+  # dualoptim scores best at the smaller lr on the validation half, and only there
+  summarize = lambda r, which: {"overall": -r["lr"] if which == "validation" else r["lr"]}  # noqa: E731
+  runs = cli.sweep_runs(cfg, run, data="d", describe=str, summarize=summarize, log=logs.append)
+  swept = [(s, p, v) for s in (0, 1) for p in presets[1:] for v in (1e-4, 1e-3)]
+  assert calls == swept + [(0, "dualoptim_8bit", 1e-4), (1, "dualoptim_8bit", 1e-4)]
+  assert list(runs) == list(presets)
+  assert [v for v, _ in runs["dualoptim_8bit"]] == [1e-4]  # one setting, both seeds
+  assert [r["result"]["lr"] for r in runs["dualoptim_8bit"][0][1]] == [1e-4, 1e-4]
+  assert [v for v, _ in runs["dualoptim_plus_8bit"]] == [1e-4, 1e-3]  # its method is not run
+  assert "[dualoptim_8bit] runs at dualoptim [lr=0.0001]'s value" in logs
+  calls.clear()
+  no_halves = cli.sweep_runs(cfg, run, data="d", describe=str, log=logs.append)
+  assert [v for v, _ in no_halves["dualoptim_8bit"]] == [1e-4, 1e-3]  # without halves: swept
+  assert calls == [(s, "dualoptim_8bit", 1e-3) for s in (0, 1)]
+
+
 def test_run_objective_weights_any_objective_for_joint_only():
   from dualoptim_jax.unlearn.losses import make_objective
   from dualoptim_jax.unlearn.tasks.formats import SupervisedObjective

@@ -79,6 +79,12 @@ def test_preset_table_is_the_papers_six_settings():
     T.make_optimizer("adam", 1e-3)
 
 
+def test_full_precision_names_each_presets_32bit_method():
+  assert T.full_precision("dualoptim_8bit") == "dualoptim"
+  assert T.full_precision("dualoptim_plus_8bit") == "dualoptim_plus"
+  assert [T.full_precision(p) for p in ("joint", "alternate")] == ["joint", "alternate"]
+
+
 @pytest.mark.parametrize("name", list(T.PRESETS))
 def test_every_preset_builds(name):
   tx = T.make_optimizer(name, 1e-3, forget_lr_scale=2.0)

@@ -88,7 +88,7 @@ from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 from dualoptim_jax.unlearn.tasks import TASKS, make_task
 from dualoptim_jax.unlearn.tasks.downstream import parse_specs
 from dualoptim_jax.unlearn.tasks.refusal import get_judge
-from dualoptim_jax.unlearn.trainer import PRESETS, finetune, unlearn
+from dualoptim_jax.unlearn.trainer import PRESETS, finetune, full_precision, unlearn
 
 __all__ = ["Flag", "flag", "RunConfig", "build_parser", "parse_args", "run", "main"]
 
@@ -278,7 +278,8 @@ class RunConfig:
     None,
     "NAME=V1,V2,...: run every preset and seed at each value of the float unlearning flag NAME, "
     "e.g. forget_lr_scale=0.5,1,2 or lr=1e-4,3e-4; each run is written to OUT/runs as it ends "
-    "and a rerun skips finished runs",
+    "and a rerun skips finished runs; an 8-bit preset whose 32-bit method is also in --presets "
+    "runs only at that method's best value (chosen on the validation half)",
     group=UNLEARN,
     parse=sweep_lib.parse_sweep,
     run_setting=False,
@@ -1007,25 +1008,60 @@ Runs = dict[str, list[tuple[float | None, list[dict[str, Any]]]]]
 
 
 def sweep_runs(
-  cfg: RunConfig, run: RunFn, *, data: str, describe: Callable[[dict], str], log=print
+  cfg: RunConfig,
+  run: RunFn,
+  *,
+  data: str,
+  describe: Callable[[dict], str],
+  summarize: sweep_lib.HalfSummary | None = None,
+  log=print,
 ) -> Runs:
   """Every (preset, value, seed) record of ``cfg``'s presets, sweep and seeds, for any task:
   loaded from ``OUT/runs`` if finished under the same settings (``data`` names the data in the
   fingerprint), else made by ``run(run_cfg, preset, seed)`` (``run_cfg``: ``cfg`` with the
   swept flag at its value) and written at once. Seeds are the outer loop, so a sweep stopped
   part-way has the same seeds for every preset and value. ``describe(result)`` is the log line
-  of a finished run."""
+  of a finished run.
+
+  With ``summarize`` (the task's evaluation halves), an 8-bit preset whose 32-bit method is also
+  swept is not swept itself: once the sweep is done it runs every seed at that method's best
+  value, chosen on the validation half (:func:`dualoptim_jax.unlearn.sweep.best_settings`)."""
+  at_best = _runs_at_best(cfg, summarize)
+  swept = [p for p in cfg.presets if p not in at_best]
   values = sweep_lib.sweep_values(cfg.sweep)
+  runs = _runs_at(cfg, run, {p: values for p in swept}, data, describe, log)
+  if at_best:
+    assert summarize is not None
+    results = {p: [(v, [r["result"] for r in rs]) for v, rs in runs[p]] for p in at_best.values()}
+    best = sweep_lib.best_settings(results, summarize)
+    for preset, method in at_best.items():
+      log(f"[{preset}] runs at {sweep_lib.label(method, cfg.sweep, best[method][0])}'s value")
+    chosen = {p: [best[m][0]] for p, m in at_best.items()}
+    runs.update(_runs_at(cfg, run, chosen, data, describe, log))
+  return {p: runs[p] for p in cfg.presets}
+
+
+def _runs_at_best(cfg: RunConfig, summarize: Any) -> dict[str, str]:
+  """``{8-bit preset: its 32-bit preset}`` for the presets that run at their method's best swept
+  value (:func:`sweep_runs`)."""
+  if cfg.sweep is None or summarize is None:
+    return {}
+  methods = {p: full_precision(p) for p in cfg.presets}
+  return {p: m for p, m in methods.items() if m != p and m in cfg.presets}
+
+
+def _runs_at(cfg: RunConfig, run: RunFn, values: dict[str, list], data: str, describe, log) -> Runs:
+  """The records of each preset at its ``values`` for every seed (seed-major)."""
   records: dict[tuple[str, Any], list[dict[str, Any]]] = {}
   for seed in cfg.seeds:
-    for preset in cfg.presets:
-      for value in values:
+    for preset, options in values.items():
+      for value in options:
         run_cfg = cfg
         if cfg.sweep is not None and value is not None:
           run_cfg = dataclasses.replace(cfg, **{cfg.sweep[0]: value})
         record = _sweep_run(run_cfg, run, preset, seed, data, describe, log)
         records.setdefault((preset, value), []).append(record)
-  return {p: [(v, records[p, v]) for v in values] for p in cfg.presets}
+  return {p: [(v, records[p, v]) for v in options] for p, options in values.items()}
 
 
 def _sweep_run(
@@ -1139,12 +1175,15 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   after_reference = compiles.snapshot()
   compiled["reference_eval"] = after_reference.since(after_models).as_dict()
   run_fn: RunFn = lambda run_cfg, preset, seed: one_run(setup, run_cfg, preset, seed, ratios, log)
-  runs = sweep_runs(cfg, run_fn, data=setup.data.name, describe=_describe_tofu, log=log)
+  halves = sweep_lib.tofu_halves(ratios)
+  runs = sweep_runs(
+    cfg, run_fn, data=setup.data.name, describe=_describe_tofu, summarize=halves, log=log
+  )
   compiled["runs"] = compiles.snapshot().since(after_reference).as_dict()
   compiled["total"] = compiles.snapshot().since(start).as_dict()
   eval_s += sum(r.get("eval_seconds", 0.0) for s in runs.values() for _, rs in s for r in rs)
   results, histories, curves = tabulate(references, runs, cfg)
-  sections, extra = best_and_paired(runs, references, cfg, sweep_lib.tofu_halves(ratios))
+  sections, extra = best_and_paired(runs, references, cfg, halves)
   config = {
     **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
     "data": setup.data.summary(),

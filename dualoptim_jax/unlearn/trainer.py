@@ -45,6 +45,7 @@ __all__ = [
   "Preset",
   "PRESETS",
   "decays",
+  "full_precision",
   "decay_mask",
   "learning_rate_schedule",
   "make_optimizer",
@@ -110,6 +111,14 @@ PRESETS: dict[str, Preset] = {
     "alternate", "dualoptim_plus", 8, "DualOptim+ with 8-bit optimizer states"
   ),
 }
+
+
+def full_precision(preset: str) -> str:
+  """The 32-bit preset of ``preset``'s method: ``dualoptim`` for ``dualoptim_8bit``, itself for a
+  32-bit preset."""
+  spec = PRESETS[preset]
+  key = (spec.mode, spec.optimizer, 32)
+  return next(n for n, p in PRESETS.items() if (p.mode, p.optimizer, p.state_bits) == key)
 
 
 def decays(name: str) -> bool:

@@ -126,27 +126,35 @@ def _config(task: Task, cfg: Any, tok: Tokenizer, timings: dict[str, float]) -> 
   }
 
 
-def _best_and_paired(
-  task: Task, references: dict[str, list], runs: Any, cfg: Any, log=print
-) -> tuple[list[str], dict[str, Any]]:
-  """The TOFU job's best setting per method and paired comparison
-  (:func:`~dualoptim_jax.unlearn.cli.best_and_paired`) on the task's halves
-  (:meth:`Task.summarize_half`); none for a task that cannot halve its evaluation, or with
-  fewer than two evaluation items (no test half: said in the log, not raised at the end of the
-  runs)."""
-  from dualoptim_jax.unlearn import cli
-
+def _halves(task: Task, cfg: Any, log=print) -> Any:
+  """The task's :data:`~dualoptim_jax.unlearn.sweep.HalfSummary` (:meth:`Task.summarize_half`),
+  or None for a task that cannot halve its evaluation, or with fewer than two evaluation items
+  (no test half: said in the log, not raised at the end of the runs)."""
   if type(task).summarize_half is Task.summarize_half:  # the default: no halves
-    return [], {}
+    return None
   if cfg.eval_items < 2:
     log("no best setting per method or paired comparison: --eval-items < 2 leaves no test half")
-    return [], {}
+    return None
 
   def summarize(result: Any, which: str) -> dict[str, Any]:
     out = task.summarize_half(result, which)
     assert out is not None
     return out
 
+  return summarize
+
+
+def _best_and_paired(
+  task: Task, references: dict[str, list], runs: Any, cfg: Any, log=print
+) -> tuple[list[str], dict[str, Any]]:
+  """The TOFU job's best setting per method and paired comparison
+  (:func:`~dualoptim_jax.unlearn.cli.best_and_paired`) on the task's halves (:func:`_halves`);
+  none without them."""
+  from dualoptim_jax.unlearn import cli
+
+  summarize = _halves(task, cfg, log)
+  if summarize is None:
+    return [], {}
   return cli.best_and_paired(runs, references, cfg, summarize, task.columns)
 
 
@@ -178,7 +186,10 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   timings["reference_eval_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   run = _run_fn(task, base, tok, mesh, log)
-  runs = cli.sweep_runs(cfg, run, data=task.data_name, describe=task.describe_run, log=log)
+  halves = _halves(task, cfg, lambda *a, **k: None)  # said once, by _best_and_paired
+  runs = cli.sweep_runs(
+    cfg, run, data=task.data_name, describe=task.describe_run, summarize=halves, log=log
+  )
   timings["runs_s"] = time.perf_counter() - t0
   results, histories, curves = cli.tabulate(references, runs, cfg)
   sections, extra = _best_and_paired(task, references, runs, cfg, log)
