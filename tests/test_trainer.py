@@ -379,6 +379,17 @@ def test_learning_rate_schedule_is_the_trainers_linear_warmup_and_decay():
   )
 
 
+def test_update_stability_is_the_largest_magnitude_and_the_count_over_ten_step_sizes():
+  updates = {"a": jnp.array([0.5, -3.0]), "b": jnp.array([[2.0, -0.1]]), "c": jnp.float32(-25.0)}
+  largest, over = jax.jit(T.update_stability)(updates, jnp.float32(0.2))
+  assert (float(largest), int(over)) == (25.0, 2)  # |-3| and |-25| exceed 2.0; 2.0 itself does not
+  rng = np.random.default_rng(0)
+  tree = [rng.normal(size=s).astype(np.float32) for s in [(7, 5), (64,), (3, 4, 2)]]
+  flat = np.abs(np.concatenate([x.ravel() for x in tree]))
+  largest, over = T.update_stability([jnp.asarray(x) for x in tree], jnp.float32(0.1))
+  assert float(largest) == flat.max() and int(over) == int(np.sum(flat > np.float32(1.0)))
+
+
 def test_unlearn_records_its_settings_and_the_largest_update(toy):
   model, forget, retain = toy
   out = T.unlearn(
