@@ -284,7 +284,7 @@ def update_stability(updates: Any, step_size: jax.Array) -> tuple[jax.Array, jax
     return jax.lax.reduce((magnitude, over), (jnp.float32(0), jnp.int32(0)), both, (0,))
 
   pairs = [leaf(u) for u in jax.tree.leaves(updates)]
-  return jnp.max(jnp.stack([p[0] for p in pairs])), sum(p[1] for p in pairs)
+  return jnp.max(jnp.stack([p[0] for p in pairs])), jnp.sum(jnp.stack([p[1] for p in pairs]))
 
 
 @functools.lru_cache(maxsize=32)
