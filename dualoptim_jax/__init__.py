@@ -22,6 +22,7 @@ from dualoptim_jax.alias import (
   dualoptim_plus_rmsprop,
   dualoptim_plus_sgd,
 )
+from dualoptim_jax.clipping import clip_by_global_norm
 from dualoptim_jax.decoupled import DecoupledState, decoupled
 from dualoptim_jax.hyperparams import STATIC_HYPERPARAMS, static_hyperparams
 from dualoptim_jax.instances import (
@@ -56,6 +57,7 @@ __all__ = [
   "StoragePolicy",
   "adamw_8bit",
   "alternating",
+  "clip_by_global_norm",
   "decoupled",
   "dualoptim",
   "dualoptim_plus",

@@ -199,7 +199,7 @@ def make_optimizer(
   spec = PRESETS[preset]
   lr = learning_rate_schedule(learning_rate, warmup_steps, decay_steps)
   scales = (float(forget_lr_scale), float(retain_lr_scale))
-  clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
+  clip = [dj.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
   if spec.optimizer == "adamw":
     step = (
       optax.scale_by_learning_rate(lr)
