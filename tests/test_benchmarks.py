@@ -140,6 +140,19 @@ def test_bench_lm_pipeline_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_step_costs_quick(tmp_path):
+  payload = run_quick("bench_step_costs.py", tmp_path)
+  rows = {r["step"]: r for r in payload["results"]}
+  assert list(rows) == ["bare", "bare+clip", "joint", "dualoptim_plus"]
+  assert rows["bare"]["bytes"] == 1.0 and payload["layers"] == 1
+  # Clipping and DualOptim+'s two extra moments move more bytes than the bare Adam step.
+  assert (
+    rows["bare+clip"]["bytes"] > 1.0 and rows["dualoptim_plus"]["bytes"] > rows["joint"]["bytes"]
+  )
+  assert all(r["temps_x_params"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
   out = tmp_path / "gpu_check.json"
   proc = subprocess.run(
