@@ -411,6 +411,20 @@ def test_unlearn_records_its_settings_and_the_largest_update(toy):
 # --------------------------------------------------------------------------- memory
 
 
+def test_compiled_steps_are_bounded_and_the_least_recently_used_goes_first(monkeypatch):
+  monkeypatch.setattr(T, "_EXECUTABLES", {})
+  programs = [jax.jit(lambda x, i=i: x + i) for i in range(T._MAX_EXECUTABLES + 1)]
+  args = (np.zeros(3, np.float32),)
+  first = T._executable(programs[0], args)
+  for p in programs[1:-1]:
+    T._executable(p, args)
+  assert T._executable(programs[0], args) is first  # a hit, and now the most recently used
+  T._executable(programs[-1], args)  # one too many: programs[1] (least recently used) goes
+  kept = {key[0] for key in T._EXECUTABLES}
+  assert len(T._EXECUTABLES) == T._MAX_EXECUTABLES and kept == set(programs) - {programs[1]}
+  np.testing.assert_array_equal(first(*args), np.zeros(3))
+
+
 def test_donated_model_trains_in_place_with_the_same_result_and_one_executable(toy):
   model, forget, retain = toy
   loss = L.make_objective("GA+GD")
