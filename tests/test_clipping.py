@@ -58,4 +58,6 @@ def test_the_clip_is_one_fused_factor_not_a_stored_copy():
     return compiled.memory_analysis().temp_size_in_bytes
 
   ours, theirs = temps(dj.clip_by_global_norm(1.0)), temps(optax.clip_by_global_norm(1.0))
-  assert ours < grad_bytes / 10 < grad_bytes < theirs, (ours, theirs, grad_bytes)
+  # Ours holds no gradient-sized buffer; optax's held one with jax 0.10.2 (264 KB here), which a
+  # later XLA may fuse too, so it is only required not to do better.
+  assert ours < grad_bytes / 10 and ours <= theirs, (ours, theirs, grad_bytes)
