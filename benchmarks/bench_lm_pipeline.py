@@ -81,9 +81,13 @@ def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict[str
 
 
 @functools.lru_cache(maxsize=8)
-def bare_step(graphdef, objective: losses_lib.UnlearningLoss, which: int | None, options: str):
-  """The reference: value_and_grad of the same loss + optax.adamw, params and state donated."""
+def bare_step(
+  graphdef, objective: losses_lib.UnlearningLoss, which: int | None, options: str, clip=False
+):
+  """The reference: value_and_grad of the same loss + optax.adamw (after
+  ``optax.clip_by_global_norm(1.0)`` with ``clip``), params and state donated."""
   tx = optax.adamw(1e-4, weight_decay=common.WEIGHT_DECAY)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), tx) if clip else tx
 
   def loss_fn(params, rest, batches):
     fn = lambda ids: nnx.merge(graphdef, params, rest)(ids)

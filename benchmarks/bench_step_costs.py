@@ -5,8 +5,8 @@ programs are not. For each preset this compiles (never runs) the step the unlear
 (:mod:`dualoptim_jax.unlearn.trainer`: loss, gradient, global-norm clipping, the preset's moments,
 decay, learning rate, the stability record) and two references:
 
-* ``bare``: ``jax.value_and_grad`` of the forget loss plus ``optax.adamw``, donated, as in
-  ``bench_lm_pipeline.py``;
+* ``bare``: ``bench_lm_pipeline.py``'s reference, ``jax.value_and_grad`` of the forget loss
+  plus ``optax.adamw``, donated;
 * ``bare+clip``: the same after ``optax.clip_by_global_norm(1.0)``.
 
 and reports, relative to ``bare`` (for ``joint``: a bare step on its loss, the forget plus the
@@ -28,8 +28,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from bench_lm_pipeline import load_model, make_batch
+from bench_lm_pipeline import bare_step, load_model, make_batch
 from flax import nnx
 
 from dualoptim_jax.unlearn import losses as losses_lib
@@ -52,23 +51,11 @@ def analyse(jitted: Any, *args: Any) -> dict[str, float]:
 
 
 def bare(graphdef, params, rest, batch, objective, clip: bool, joint: bool) -> dict[str, float]:
-  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.01)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), tx) if clip else tx
-
-  def loss(p, r, b):
-    fn = lambda ids: nnx.merge(graphdef, p, r)(ids)
-    if joint:  # joint's step descends c_f L_f + c_r L_r on a forget and a retain batch
-      return objective.forget_loss(fn, None, b[0]) + objective.retain_loss(fn, None, b[1])
-    return objective.forget_loss(fn, None, b)
-
-  def step(p, state, r, b):
-    grads = jax.grad(loss)(p, r, b)
-    updates, state = tx.update(grads, state, p)
-    return optax.apply_updates(p, updates), state
-
-  jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=trainer_lib._compiler_options())
+  """``bench_lm_pipeline.bare_step`` on the forget loss (``joint``: on both losses and batches)."""
+  which = None if joint else trainer_lib.FORGET
+  tx, step = bare_step(graphdef, objective, which, "region", clip)
   batches = (batch, batch) if joint else batch
-  return analyse(jitted, abstract(params), jax.eval_shape(tx.init, params), abstract(rest), batches)
+  return analyse(step, abstract(params), jax.eval_shape(tx.init, params), abstract(rest), batches)
 
 
 def trainer(graphdef, params, rest, batch, objective, preset: str) -> dict[str, float]:

@@ -35,7 +35,8 @@ def test_best_setting_is_chosen_on_validation_and_reported_on_test():
     "dualoptim_plus": [(0.5, _records(0.2, 0.9)), (2.0, _records(0.6, 0.3, shift=0.05))],
   }
   references = {"Initial": [{"seed": None, "per_item": {"x": [0.4, 0.7]}}]}
-  sections, doc = job._best_and_paired(HalvedTask(), references, runs, cfg)
+  halves = job._halves(HalvedTask(), cfg)
+  sections, doc = job._best_and_paired(HalvedTask(), references, runs, cfg, halves)
   best = doc["best_settings"]
   assert best["joint"]["value"] == 0.5 and best["dualoptim_plus"]["value"] == 2.0
   assert [r["overall"] for r in best["joint"]["test_half"]] == pytest.approx([0.1, 0.12])
@@ -50,9 +51,13 @@ def test_best_setting_is_chosen_on_validation_and_reported_on_test():
 def test_no_sections_without_halves_or_with_one_evaluation_item():
   references = {"Initial": [{"seed": None, "per_item": {"x": [0.4, 0.7]}}]}
   runs = {"joint": [(None, _records(0.9, 0.1))]}
-  assert job._best_and_paired(UnhalvedTask(), references, runs, cfg := cli.RunConfig()) == ([], {})
-  assert job._best_and_paired(HalvedTask(), references, runs, cfg)[1]["best_settings"]
+  cfg = cli.RunConfig()
+  unhalved = job._halves(UnhalvedTask(), cfg)
+  assert job._best_and_paired(UnhalvedTask(), references, runs, cfg, unhalved) == ([], {})
+  halves = job._halves(HalvedTask(), cfg)
+  assert job._best_and_paired(HalvedTask(), references, runs, cfg, halves)[1]["best_settings"]
   logged = []
   one = cli.RunConfig(eval_items=1)
-  assert job._best_and_paired(HalvedTask(), references, runs, one, logged.append) == ([], {})
+  none = job._halves(HalvedTask(), one, logged.append)
+  assert job._best_and_paired(HalvedTask(), references, runs, one, none) == ([], {})
   assert "no test half" in logged[0]

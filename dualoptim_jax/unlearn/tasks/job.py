@@ -145,14 +145,13 @@ def _halves(task: Task, cfg: Any, log=print) -> Any:
 
 
 def _best_and_paired(
-  task: Task, references: dict[str, list], runs: Any, cfg: Any, log=print
+  task: Task, references: dict[str, list], runs: Any, cfg: Any, summarize: Any
 ) -> tuple[list[str], dict[str, Any]]:
   """The TOFU job's best setting per method and paired comparison
-  (:func:`~dualoptim_jax.unlearn.cli.best_and_paired`) on the task's halves (:func:`_halves`);
-  none without them."""
+  (:func:`~dualoptim_jax.unlearn.cli.best_and_paired`) on the task's halves ``summarize``
+  (:func:`_halves`); none without them."""
   from dualoptim_jax.unlearn import cli
 
-  summarize = _halves(task, cfg, log)
   if summarize is None:
     return [], {}
   return cli.best_and_paired(runs, references, cfg, summarize, task.columns)
@@ -186,13 +185,13 @@ def run_task(task: Task, cfg: Any, log=print) -> dict[str, Any]:
   timings["reference_eval_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   run = _run_fn(task, base, tok, mesh, log)
-  halves = _halves(task, cfg, lambda *a, **k: None)  # said once, by _best_and_paired
+  halves = _halves(task, cfg, log)
   runs = cli.sweep_runs(
     cfg, run, data=task.data_name, describe=task.describe_run, summarize=halves, log=log
   )
   timings["runs_s"] = time.perf_counter() - t0
   results, histories, curves = cli.tabulate(references, runs, cfg)
-  sections, extra = _best_and_paired(task, references, runs, cfg, log)
+  sections, extra = _best_and_paired(task, references, runs, cfg, halves)
   timings["total_s"] = time.perf_counter() - t_start
   config = _config(task, cfg, tok, timings)
   if not distributed.is_primary():
