@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import IO
 
 __all__ = [
+  "DEVICE_COUNT_FLAG",
   "ENV_COORDINATOR",
   "ENV_NUM_PROCESSES",
   "ENV_PROCESS_ID",
@@ -45,7 +46,7 @@ __all__ = [
 ENV_COORDINATOR = "DUALOPTIM_COORDINATOR"
 ENV_NUM_PROCESSES = "DUALOPTIM_NUM_PROCESSES"
 ENV_PROCESS_ID = "DUALOPTIM_PROCESS_ID"
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def free_port() -> int:
@@ -69,8 +70,8 @@ def process_env(
   defaults to ``cpu`` (virtual devices exist only there).
   """
   env = dict(base)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
-  env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={devices_per_process}"])
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices_per_process}"])
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["PYTHONUNBUFFERED"] = "1"  # lines reach the prefixer as they are printed
   env[ENV_COORDINATOR] = coordinator

@@ -57,14 +57,16 @@ def run_job(
   devices_per_process: int = 4,
   timeout: float = 600,
   grace: float = 30,
+  env: dict[str, str] | None = None,
 ) -> Job:
-  """Launches ``command`` (``python`` is this interpreter) and waits for every process."""
+  """Launches ``command`` (``python`` is this interpreter) and waits for every process; ``env``
+  defaults to :func:`job_env`."""
   out = io.StringIO()
   codes = launch.launch(
     command,
     num_processes,
     devices_per_process=devices_per_process,
-    env=job_env(),
+    env=job_env() if env is None else env,
     out=out,
     timeout=timeout,
     grace=grace,

@@ -77,6 +77,14 @@ def test_slurm_with_several_tasks_is_detected(monkeypatch):
   assert dist.detected_cluster() is None
 
 
+def test_cpu_thread_pool_size_counts_the_jobs_devices():
+  flags = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=4"}
+  assert dist.cpu_thread_pool_size(2, flags, cpus=2) == 8
+  assert dist.cpu_thread_pool_size(1, {"XLA_FLAGS": flags["XLA_FLAGS"][:-1] + "8"}, cpus=2) == 8
+  assert dist.cpu_thread_pool_size(2, flags, cpus=64) == 64  # never fewer than XLA's default
+  assert dist.cpu_thread_pool_size(3, {}, cpus=1) == 3  # one device per process by default
+
+
 def test_timeout_is_validated():
   with pytest.raises(ValueError, match="timeout"):
     dist.initialize(timeout=0)
@@ -119,3 +127,48 @@ def test_a_joined_single_process_sums_over_devices_bitwise_like_two_processes():
   # one); otherwise the equality above would hold trivially.
   assert int(outputs[2].split()[2]) > 0
   print(f"Gloo {outputs[2]}; in-process all-reduce {in_process}")
+
+
+TRAINER_STEP = """
+import os, sys
+from dualoptim_jax.unlearn import distributed
+distributed.initialize(timeout=60)
+import dataclasses, hashlib, jax, numpy as np, optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from dualoptim_jax.models.llama import Llama, LlamaConfig
+from dualoptim_jax.unlearn import checkpoint, losses, placement, trainer
+model = Llama(LlamaConfig.tiny(1024), rngs=nnx.Rngs(0))
+ids = np.random.default_rng(0).integers(0, 1024, (8, 128)).astype(np.int32)
+ones = np.ones(ids.shape, np.float32)
+batch = {"input_ids": ids, "answer_mask": ones, "idk_input_ids": ids[::-1].copy(), "idk_answer_mask": ones}
+runner = trainer.Unlearner(model, losses.make_objective("GA+GD", 1.0, 1.0, 0.1), optax.sgd(1e-2),
+                           mesh=placement.make_mesh("data=1,fsdp=8"))
+runner.step(iter(lambda: batch, None), iter(lambda: batch, None))
+for name, x in checkpoint.named_leaves(runner.params).items():
+  x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  print("param", name, hashlib.sha256(x.tobytes()).hexdigest()[:16])
+"""
+
+
+def _trainer_step(num_processes: int, devices: int, **env: str) -> dict[str, str]:
+  job = run_job(
+    [sys.executable, "-c", TRAINER_STEP],
+    num_processes=num_processes,
+    devices_per_process=devices,
+    env={**job_env(), **env},
+  )
+  assert job.codes == [0] * num_processes, job.tail()
+  return dict(line.split()[1:] for line in job.lines[0] if line.startswith("param "))
+
+
+def test_a_trainer_step_is_bitwise_the_same_on_one_or_two_processes():
+  """One FSDP update of the tiny Llama (8 rows of 128 tokens) as 1 joined process x 8 devices
+  and as 2 x 4: every parameter bitwise equal, because every process's XLA:CPU thread pool is
+  sized by the job's devices (``PJRT_NPROC``, :func:`distributed.cpu_thread_pool_size`). With
+  the 2 processes held to 4 threads each instead, the output projection's gradient (here the
+  tied embedding) is summed in another order and differs: what the sizing prevents."""
+  one, two = _trainer_step(1, 8), _trainer_step(2, 4)
+  assert len(one) > 10 and one == two
+  small_pools = _trainer_step(2, 4, PJRT_NPROC="4")
+  assert "embed_tokens.embedding" in [k for k in one if one[k] != small_pools[k]]

@@ -18,13 +18,23 @@ the heartbeat after which the coordination service declares a silent process dea
 seconds (the runtime terminates them with "the JAX distributed service detected fatal errors";
 a collective with the dead peer fails at once with a ``JaxRuntimeError``) instead of hanging.
 
-On CPU the cross-process collectives are Gloo's (``jax_cpu_collectives_implementation``). A job of
-*one* process that is given a coordinator (``--num-processes 1``, ``launch -n 1``) joins too, and
-so uses Gloo's collectives as well: Gloo reduces over the devices in the same order whichever
-process holds them, so such a run is bitwise the multi-process one (measured: the final parameters
-of the 2-process and the 1-process job are equal, ``tests/test_multiprocess.py``). XLA's in-process
-collectives, which a plain single process uses, sum in another order (last-bit differences that
-training amplifies; docs/scale.md).
+On CPU a run is made bitwise independent of how its devices are spread over processes:
+
+* The cross-process collectives are Gloo's (``jax_cpu_collectives_implementation``). A job of
+  *one* process that is given a coordinator (``--num-processes 1``, ``launch -n 1``) joins too, and
+  so uses Gloo's collectives as well: Gloo reduces over the devices in the same order whichever
+  process holds them. XLA's in-process collectives, which a plain single process uses, sum in
+  another order.
+* XLA:CPU runs each device's kernels on an intra-op thread pool of ``max(PJRT_NPROC or the usable
+  cores, local devices)`` threads, and its dot and reduction kernels split their work by the
+  pool's size: 4 devices in each of 2 processes and 8 devices in one process sum in different
+  orders. :func:`initialize` sets ``PJRT_NPROC`` (unless it is set) to
+  :func:`cpu_thread_pool_size`, the larger of the usable cores and the job's devices, so every
+  layout of the same devices gets the same pool.
+
+Both differences are in the last bits, but training amplifies them (DualOptim+ most of all);
+with both removed, the 2-process and the 1-process job end bitwise equal
+(``tests/test_multiprocess.py``, docs/scale.md).
 """
 
 from __future__ import annotations
@@ -36,13 +46,19 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from dualoptim_jax.launch import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from dualoptim_jax.launch import (
+  DEVICE_COUNT_FLAG,
+  ENV_COORDINATOR,
+  ENV_NUM_PROCESSES,
+  ENV_PROCESS_ID,
+)
 
 __all__ = [
   "DEFAULT_TIMEOUT",
   "ProcessSetup",
   "detected_cluster",
   "resolve",
+  "cpu_thread_pool_size",
   "initialize",
   "is_primary",
   "all_true",
@@ -133,6 +149,24 @@ def resolve(
   return ProcessSetup(source, coordinator, num_processes, process_id)
 
 
+def cpu_thread_pool_size(
+  num_processes: int, environ: Mapping[str, str] | None = None, cpus: int | None = None
+) -> int:
+  """The XLA:CPU intra-op pool size that every process of a job of ``num_processes`` should use:
+  the larger of the usable cores (``cpus``, default this machine's) and the job's CPU devices
+  (``num_processes`` times the ``--xla_force_host_platform_device_count`` of ``XLA_FLAGS``).
+
+  The same for every layout of the same devices, and never fewer threads than XLA's default."""
+  env = os.environ if environ is None else environ
+  per_process = 1
+  for flag in env.get("XLA_FLAGS", "").split():
+    if flag.startswith(DEVICE_COUNT_FLAG + "="):
+      per_process = int(flag.split("=", 1)[1])
+  if cpus is None:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(cpus or 1, num_processes * per_process)
+
+
 def initialize(
   coordinator: str | None = None,
   num_processes: int | None = None,
@@ -158,6 +192,9 @@ def initialize(
   if not setup.distributed or jax.distributed.is_initialized():
     return setup
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if setup.num_processes is not None:  # (a cluster JAX detects keeps XLA's own pool size)
+    # Read when the CPU backend starts, which is after this.
+    os.environ.setdefault("PJRT_NPROC", str(cpu_thread_pool_size(setup.num_processes)))
   jax.distributed.initialize(
     setup.coordinator,
     setup.num_processes,
