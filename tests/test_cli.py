@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from dualoptim_jax.unlearn import cli
+from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -126,6 +127,48 @@ def test_tuned_model_is_cached_by_its_recipe(tmp_path):
     "full", data.retain, tok, cfg, tmp_path, log=logs.append
   )  # other data: another entry
   assert "fine-tuned" in logs[2] and len(list((tmp_path / "models").iterdir())) == 2
+
+
+def test_a_run_trains_the_cached_base_in_place_and_reads_it_back(tmp_path):
+  data = synthetic_tofu(n_authors=3, qa_per_author=2)
+  cfg = cli.parse_args(TINY + ["--finetune-steps", "3"])
+  tok = cli.Tokenizer.train(cli.corpus(data), vocab_size=300)
+  items = data.forget + data.retain
+  base = cli.tuned_model("full", items, tok, cfg, tmp_path, log=lambda *a: None)
+  path = cli.tuned_model_path("full", items, tok, cfg, tmp_path)
+  assert path.is_dir()  # where tuned_model cached it
+  # copies: a NumPy view of a buffer would keep it from being donated
+  tuned = [np.array(x, copy=True) for x in jax.tree.leaves(nnx.state(base, nnx.Param))]
+  seen = []
+
+  def run(base_path):
+    def evaluate(model):
+      seen.append(jax.tree.leaves(nnx.state(base, nnx.Param))[0].is_deleted())
+      return {"total": float(sum(np.sum(x) for x in jax.tree.leaves(nnx.state(model))))}
+
+    arrays = lambda its, k: D.tokenize_unlearning_set(
+      tok, its, data.idk_answers, cfg.max_len, seed=k
+    )
+    return cli.unlearn_and_evaluate(
+      cfg,
+      "dualoptim_plus",
+      0,
+      base=base,
+      objective=cli.make_objective(cfg.loss),
+      batches=(
+        D.BatchIterator(arrays(data.forget, 0), 2, seed=0),
+        D.BatchIterator(arrays(data.retain, 1), 2, seed=1),
+      ),
+      objective0_size=len(data.forget),
+      evaluate=evaluate,
+      base_path=base_path,
+    )
+
+  lent, copied = run(path), run(None)
+  assert seen == [True, False]  # the first run trained the base's own buffers
+  assert lent["result"] == copied["result"] and lent["history"] == copied["history"]
+  for a, b in zip(tuned, jax.tree.leaves(nnx.state(base, nnx.Param))):
+    np.testing.assert_array_equal(a, b)  # read back: the next run starts from the tuned model
 
 
 @pytest.mark.slow

@@ -641,6 +641,43 @@ def _digest(*parts: Any) -> str:
   return h.hexdigest()[:20]
 
 
+def _finetune_steps(cfg: RunConfig, num_pairs: int) -> int:
+  if cfg.finetune_epochs is None:
+    return cfg.finetune_steps
+  return pretrained.finetune_steps(num_pairs, cfg.finetune_epochs, cfg.finetune_batch_size)
+
+
+def tuned_model_path(
+  kind: str,
+  items: Sequence[D.QAItem],
+  tok: Tokenizer,
+  cfg: RunConfig,
+  cache: Path,
+  *,
+  init_key: Any = None,
+) -> Path:
+  """Where :func:`tuned_model` caches the model it makes from these arguments (``init_key``:
+  the pretrained weights' key, None for a ``--model-size`` model trained from scratch)."""
+  pairs = [(it.question, it.answer) for it in items]
+  if init_key is None:
+    init_key, name = dataclasses.asdict(MODEL_SIZES[cfg.model_size](tok.vocab_size)), cfg.model_size
+  else:
+    name = "pretrained"
+  key = _digest(
+    _CACHE_VERSION,
+    kind,
+    pairs,
+    tok.hf_tokenizer.to_str(),
+    init_key,
+    _finetune_steps(cfg, len(pairs)),
+    cfg.finetune_lr,
+    cfg.finetune_batch_size,
+    cfg.model_seed,
+    cfg.max_len,
+  )
+  return cache / "models" / f"{kind}-{name}-{key}"
+
+
 def tuned_model(
   kind: str,
   items: Sequence[D.QAItem],
@@ -661,30 +698,12 @@ def tuned_model(
   whose weights ``init_key`` names in the cache key.
   """
   pairs = [(it.question, it.answer) for it in items]
-  steps = (
-    cfg.finetune_steps
-    if cfg.finetune_epochs is None
-    else pretrained.finetune_steps(len(pairs), cfg.finetune_epochs, cfg.finetune_batch_size)
-  )
+  steps = _finetune_steps(cfg, len(pairs))
+  path = tuned_model_path(kind, items, tok, cfg, cache, init_key=None if init is None else init_key)
   if init is None:
-    model_cfg = MODEL_SIZES[cfg.model_size](tok.vocab_size)
-    init_key, name = dataclasses.asdict(model_cfg), cfg.model_size
-    model = Llama(model_cfg, rngs=nnx.Rngs(cfg.model_seed))
+    model = Llama(MODEL_SIZES[cfg.model_size](tok.vocab_size), rngs=nnx.Rngs(cfg.model_seed))
   else:
-    model, name = init, "pretrained"
-  key = _digest(
-    _CACHE_VERSION,
-    kind,
-    pairs,
-    tok.hf_tokenizer.to_str(),
-    init_key,
-    steps,
-    cfg.finetune_lr,
-    cfg.finetune_batch_size,
-    cfg.model_seed,
-    cfg.max_len,
-  )
-  path = cache / "models" / f"{kind}-{name}-{key}"
+    model = init
   if distributed.all_true(path.is_dir()):  # every process loads, or every process trains
     if init is not None and not donate_init:  # a copy: the pretrained model stays as it is
       graphdef, state = nnx.split(model)
@@ -815,6 +834,7 @@ class Setup:
   base: nnx.Module
   retain_only: nnx.Module | None  # dropped once the reference evaluations are done
   mesh: Any
+  base_path: Path | None = None  # the tuned model's cache: runs may then train its buffers
 
 
 def prepare(cfg: RunConfig, log=print) -> Setup:
@@ -838,6 +858,7 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
       tune("full", data.forget + data.retain + general),
       tune("retain", data.retain + general),
       mesh,
+      tuned_model_path("full", data.forget + data.retain + general, tok, cfg, cache),
     )
   # A pretrained LM brings its general knowledge: tune on forget + retain only.
   data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
@@ -848,8 +869,9 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
     kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh, donate_init=donate
   )
   base = tune("full", data.forget + data.retain)
+  path = tuned_model_path("full", data.forget + data.retain, tok, cfg, cache, init_key=key)
   # The last use of the pretrained model: the retain-only fine-tune trains its buffers.
-  return Setup(data, tok, base, tune("retain", data.retain, donate=True), mesh)
+  return Setup(data, tok, base, tune("retain", data.retain, donate=True), mesh, path)
 
 
 def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -945,34 +967,51 @@ def unlearn_and_evaluate(
   evaluate: Callable[[nnx.Module], dict[str, Any]],
   mesh: Any = None,
   checkpointer: RunCheckpointer | None = None,
+  base_path: Path | None = None,
 ) -> dict[str, Any]:
   """One run of any task, as its record: unlearns ``base`` with ``preset`` on the two
   objectives' ``batches`` under ``cfg``'s recipe (:func:`recipe`), loss weights
   (:func:`run_objective`) and budget (:func:`budget` of ``objective0_size`` examples), then
   ``evaluate(model)``. The record holds ``result`` (the metrics, the seed and the update
-  stability), ``history``, ``run`` (the optimizer settings and update counts) and timings."""
+  stability), ``history``, ``run`` (the optimizer settings and update counts) and timings.
+
+  With ``base_path`` (where ``base``'s parameters are saved, :func:`tuned_model_path`), a run
+  on one device whose objective needs no frozen reference trains ``base``'s own buffers, and
+  ``base`` is read back from ``base_path`` after the evaluation: one copy of the model less in
+  memory while the optimizer state is alive."""
   t0 = time.perf_counter()
   updates = budget(preset, cfg, objective0_size)
+  loss = run_objective(objective, cfg, preset)
+  lend = base_path is not None and mesh is None and not loss.needs_reference
   out = unlearn(
     base,
-    run_objective(objective, cfg, preset),
+    loss,
     *batches,
     preset=preset,
     num_updates=updates,
     mesh=mesh,
     checkpointer=checkpointer,
+    donate_model=lend,
     **recipe(cfg),
   )
   t_eval = time.perf_counter()
   result = {**evaluate(out.model), "seed": seed, **out.stability}
-  forget_updates = int(np.sum(out.history.objective != 1))
-  return {
+  eval_s = time.perf_counter() - t_eval
+  record = {
     "result": result,
     "history": out.history.series(),
-    "run": {**out.config, "updates": updates, "forget_updates": forget_updates},
-    "seconds": time.perf_counter() - t0,
-    "eval_seconds": time.perf_counter() - t_eval,
+    "run": {
+      **out.config,
+      "updates": updates,
+      "forget_updates": int(np.sum(out.history.objective != 1)),
+    },
   }
+  if lend:
+    assert base_path is not None
+    del out  # the trained model goes before the tuned one comes back
+    memory.release_freed_memory()
+    load_params(base, base_path)
+  return {**record, "seconds": time.perf_counter() - t0, "eval_seconds": eval_s}
 
 
 def one_run(
@@ -998,6 +1037,7 @@ def one_run(
     evaluate=lambda model: evaluate(setup, cfg, model, ratios),
     mesh=setup.mesh,
     checkpointer=run_checkpointer(cfg, preset, seed, fingerprint, log),
+    base_path=setup.base_path,
   )
 
 
