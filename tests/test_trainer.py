@@ -1,5 +1,8 @@
 """Tests for dualoptim_jax.unlearn.trainer: presets, modes, determinism, resume, end to end."""
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -289,7 +292,7 @@ def test_unlearning_lowers_forget_probability_far_more_than_retain(tuned):
   )
 
 
-def test_runs_that_differ_only_in_seed_share_compiled_steps(toy):
+def test_runs_that_differ_only_in_seed_share_compiled_steps(toy, monkeypatch):
   model, forget, retain = toy
   run = lambda seed: T.unlearn(
     model,
@@ -301,10 +304,10 @@ def test_runs_that_differ_only_in_seed_share_compiled_steps(toy):
     progress=False,
   )
   run(0)
-  before = T._compiled_update.cache_info()
+  made, compiled_update = [], T._compiled_update
+  monkeypatch.setattr(T, "_compiled_update", lambda *a: made.append(a) or compiled_update(*a))
   out = run(1)
-  after = T._compiled_update.cache_info()
-  assert after.misses == before.misses and after.hits == before.hits + 7  # one lookup per update
+  assert made == []  # seed 1 ran seed 0's programs
   assert not np.array_equal(
     out.history.forget, run(0).history.forget, equal_nan=True
   )  # the seed still matters
@@ -411,18 +414,43 @@ def test_unlearn_records_its_settings_and_the_largest_update(toy):
 # --------------------------------------------------------------------------- memory
 
 
-def test_compiled_steps_are_bounded_and_the_least_recently_used_goes_first(monkeypatch):
-  monkeypatch.setattr(T, "_EXECUTABLES", {})
-  programs = [jax.jit(lambda x, i=i: x + i) for i in range(T._MAX_EXECUTABLES + 1)]
+def test_kept_programs_are_bounded_and_the_least_recently_used_goes_first(monkeypatch):
+  monkeypatch.setattr(T, "_PROGRAMS", {})
+  made = []
+  make = lambda i: lambda: made.append(i) or f"program {i}"  # noqa: E731
+  first = T._program((0,), make(0))
+  for i in range(1, T._MAX_PROGRAMS):
+    T._program((i,), make(i))
+  assert T._program((0,), make(0)) is first  # a hit, and now the most recently used
+  T._program((T._MAX_PROGRAMS,), make(T._MAX_PROGRAMS))  # one too many: (1,) goes
+  assert made == list(range(T._MAX_PROGRAMS + 1))
+  assert set(T._PROGRAMS) == {(i,) for i in range(T._MAX_PROGRAMS + 1)} - {(1,)}
+
+
+def test_a_compiled_step_keeps_neither_its_jitted_function_nor_after_eviction_itself(
+  monkeypatch,
+):
+  """JAX's caches keep a jitted function's lowering and executables while the function lives:
+  the trainer keeps only the executable, and an evicted one is freed."""
+  monkeypatch.setattr(T, "_PROGRAMS", {})
+  jitted, compiled = [], []
+
+  def compiled_update(*program):
+    jitted.append(weakref.ref(fn := jax.jit(lambda x: x * program[0])))
+    return fn
+
+  monkeypatch.setattr(T, "_compiled_update", compiled_update)
   args = (np.zeros(3, np.float32),)
-  first = T._executable(programs[0], args)
-  for p in programs[1:-1]:
-    T._executable(p, args)
-  assert T._executable(programs[0], args) is first  # a hit, and now the most recently used
-  T._executable(programs[-1], args)  # one too many: programs[1] (least recently used) goes
-  kept = {key[0] for key in T._EXECUTABLES}
-  assert len(T._EXECUTABLES) == T._MAX_EXECUTABLES and kept == set(programs) - {programs[1]}
-  np.testing.assert_array_equal(first(*args), np.zeros(3))
+  run = T._executable((2.0,), args)
+  compiled.append(weakref.ref(run))
+  np.testing.assert_array_equal(run(np.ones(3, np.float32)), np.full(3, 2.0))
+  del run
+  gc.collect()
+  assert jitted[0]() is None and compiled[0]() is not None  # the executable alone is kept
+  for i in range(T._MAX_PROGRAMS):
+    T._executable((float(i + 3),), args)
+  gc.collect()
+  assert compiled[0]() is None  # evicted and freed
 
 
 def test_donated_model_trains_in_place_with_the_same_result_and_one_executable(toy):
@@ -442,11 +470,11 @@ def test_donated_model_trains_in_place_with_the_same_result_and_one_executable(t
     )
 
   kept = run(model, False)
-  programs = len(T._EXECUTABLES)
+  programs = len(T._PROGRAMS)
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
   given = run(copy, True)
-  assert len(T._EXECUTABLES) == programs  # the same programs: compiled once, shared
+  assert len(T._PROGRAMS) == programs  # the same programs: compiled once, shared
   assert _same(kept.model, given.model)
   assert all(x.is_deleted() for x in _params(copy))  # its buffers were the run's
   assert not any(x.is_deleted() for x in _params(model))  # the kept model is untouched

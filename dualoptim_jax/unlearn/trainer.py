@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 import math
 import typing
@@ -36,6 +37,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import dualoptim_jax as dj
+from dualoptim_jax.unlearn import memory
 from dualoptim_jax.unlearn.jsonable import float_or_nan
 from dualoptim_jax.unlearn.losses import UnlearningLoss, masked_nll
 from dualoptim_jax.unlearn.paths import path_name
@@ -287,7 +289,6 @@ def update_stability(updates: Any, step_size: jax.Array) -> tuple[jax.Array, jax
   return jnp.max(jnp.stack([p[0] for p in pairs])), jnp.sum(jnp.stack([p[1] for p in pairs]))
 
 
-@functools.lru_cache(maxsize=32)
 def _compiled_update(
   graphdef: Any,
   tx: optax.GradientTransformationExtraArgs,
@@ -299,8 +300,7 @@ def _compiled_update(
   opt_state, aux, stats)``; ``stats = (max |update|, number of elements with |update| >
   10 step_size)``, the stability record (:class:`Unlearner`).
 
-  One per (model structure, transform object, loss, ``tx.update`` kwargs, placement), so runs that
-  share them -- the seeds of a preset -- compile once. ``loss(apply_fn, ref_apply_fn, batches) ->
+  The arguments name the program (:func:`_program`): ``loss(apply_fn, ref_apply_fn, batches) ->
   (loss, aux)`` must be hashable (a module-level function or a frozen dataclass); ``placement`` is
   None on one device.
   """
@@ -323,31 +323,50 @@ def _compiled_update(
   return jax.jit(update, donate_argnums=(0, 1), compiler_options=_compiler_options())
 
 
-_EXECUTABLES: dict[tuple[Any, ...], Any] = {}
-# Compiled steps are large (SmolLM2 cut to 2 blocks: ~20 MB each, more with every block) and a
-# sweep makes one per (preset, swept value, objective): with 64 kept, the verdict sweep's process
-# held 9 GiB between runs, one 0.5 GiB model live, after 24 of them. A run needs at most two
-# (forget and retain); evicted ones come back from JAX's persistent compilation cache (the job's
-# default) when a later run needs them. Least recently used goes first.
-_MAX_EXECUTABLES = 4
+_PROGRAMS: dict[tuple[Any, ...], Any] = {}
+# A compiled step is large, and JAX's own caches keep a jitted function's lowering and executables
+# for as long as the function lives (the 8-bit DualOptim+ step of SmolLM2-135M: 1.7 GiB of
+# executable plus 1.8 GiB of lowering; docs/smollm2.md). So the bound holds the jitted functions
+# too, and a program it drops is freed. A sweep makes one program per (preset, swept value,
+# objective) and a run needs at most two (forget and retain); dropped ones come back from JAX's
+# persistent compilation cache (the job's default) when a later run needs them. Least recently
+# used goes first.
+_MAX_PROGRAMS = 4
 
 
-def _executable(update: Callable, args: tuple[Any, ...]) -> Any:
-  """``update`` compiled for the shapes of ``args`` (arrays or ``jax.ShapeDtypeStruct``s).
+def _program(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+  """The program kept under ``key``, made by ``make()`` the first time (and after eviction)."""
+  if key in _PROGRAMS:
+    _PROGRAMS[key] = _PROGRAMS.pop(key)  # now the most recently used
+    return _PROGRAMS[key]
+  while len(_PROGRAMS) >= _MAX_PROGRAMS:
+    _PROGRAMS.pop(next(iter(_PROGRAMS)))
+  # Compiling takes gigabytes in small blocks that glibc keeps after they are freed: give back
+  # what earlier steps left before, and the compiler's own after (8-bit DualOptim+ of SmolLM2:
+  # 8.1 -> 4.1 GiB resident after its first step).
+  gc.collect()
+  memory.release_freed_memory()
+  _PROGRAMS[key] = make()
+  memory.release_freed_memory()
+  return _PROGRAMS[key]
+
+
+def _executable(program: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
+  """The step :func:`_compiled_update` of ``program`` (its arguments), compiled for the shapes of
+  ``args`` (arrays or ``jax.ShapeDtypeStruct``s).
 
   One compile per distinct program and shapes, shared by every run (preset, seed) that needs
-  it; compiling from shapes lets a run compile before it allocates its optimizer state.
+  it; compiling from shapes lets a run compile before it allocates its optimizer state. Only the
+  executable is kept: the jitted function, and with it JAX's lowering, goes once it is compiled.
   """
   leaves, treedef = jax.tree.flatten(args)
-  key = (update, treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
-  if key in _EXECUTABLES:
-    _EXECUTABLES[key] = _EXECUTABLES.pop(key)  # now the most recently used
-    return _EXECUTABLES[key]
-  while len(_EXECUTABLES) >= _MAX_EXECUTABLES:
-    _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
-  abstract = [jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)) for x in leaves]
-  _EXECUTABLES[key] = update.lower(*jax.tree.unflatten(treedef, abstract)).compile()
-  return _EXECUTABLES[key]
+  shapes = tuple((np.shape(x), np.result_type(x)) for x in leaves)
+
+  def make():
+    abstract = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+    return _compiled_update(*program).lower(*jax.tree.unflatten(treedef, abstract)).compile()
+
+  return _program((program, treedef, shapes), make)
 
 
 class _Core:
@@ -404,15 +423,11 @@ class _Core:
     step_size: float = math.nan,
   ) -> tuple[Any, tuple[jax.Array, jax.Array]]:
     """One update on ``loss`` (see :func:`_compiled_update`); returns its aux and stats."""
-    update = _compiled_update(
-      self.graphdef,
-      self.tx,
-      loss,
-      tx_kwargs,
-      None if self.placement.mesh is None else self.placement,
-    )
+    mesh = self.placement.mesh
+    program = (self.graphdef, self.tx, loss, tx_kwargs, None if mesh is None else self.placement)
     batches, size = self.placement.batch(batches), jnp.float32(step_size)
-    if self.placement.mesh is not None:  # sharded layouts: jit places and compiles
+    if mesh is not None:  # sharded layouts: jit places and compiles
+      update = _program(program, lambda: _compiled_update(*program))
       self.params, self.opt_state, aux, stats = update(
         self.params, self.opt_state, self.rest, ref_params, batches, size
       )
@@ -420,7 +435,7 @@ class _Core:
     state = self._opt_state
     if state is None:  # compile first, then allocate the state
       state = jax.eval_shape(self.tx.init, self.params)
-    run = _executable(update, (self.params, state, self.rest, ref_params, batches, size))
+    run = _executable(program, (self.params, state, self.rest, ref_params, batches, size))
     self.params, self._opt_state, aux, stats = run(
       self.params, self.opt_state, self.rest, ref_params, batches, size
     )
