@@ -13,6 +13,7 @@ from flax import nnx
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import losses as L
 from dualoptim_jax.unlearn import trainer as T
+from dualoptim_jax.unlearn.placement import make_mesh
 from dualoptim_jax.unlearn.synthetic import synthetic_tofu
 
 V, LEN = 11, 8
@@ -425,6 +426,20 @@ def test_kept_programs_are_bounded_and_the_least_recently_used_goes_first(monkey
   T._program((T._MAX_PROGRAMS,), make(T._MAX_PROGRAMS))  # one too many: (1,) goes
   assert made == list(range(T._MAX_PROGRAMS + 1))
   assert set(T._PROGRAMS) == {(i,) for i in range(T._MAX_PROGRAMS + 1)} - {(1,)}
+
+
+def test_sharded_steps_survive_eviction_of_their_programs(toy, monkeypatch):
+  """On a mesh the placement keys the program; its hash must not change while it is a key (the
+  state's shardings complete it), or evicting the program fails."""
+  model, forget, retain = toy
+  monkeypatch.setattr(T, "_PROGRAMS", {})
+  monkeypatch.setattr(T, "_MAX_PROGRAMS", 1)  # every change of objective evicts
+  mesh = make_mesh("data=1,fsdp=1", devices=jax.devices()[:1])
+  runner = T.Unlearner(
+    model, L.make_objective("GA+GD"), optax.adam(1e-2), forget_steps=1, retain_steps=1, mesh=mesh
+  )
+  history = runner.run(*_iters(forget, retain), 4, progress=False)
+  assert len(T._PROGRAMS) == 1 and np.isfinite(history.forget[::2]).all()
 
 
 def test_a_compiled_step_keeps_neither_its_jitted_function_nor_after_eviction_itself(

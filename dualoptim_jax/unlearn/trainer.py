@@ -424,14 +424,18 @@ class _Core:
   ) -> tuple[Any, tuple[jax.Array, jax.Array]]:
     """One update on ``loss`` (see :func:`_compiled_update`); returns its aux and stats."""
     mesh = self.placement.mesh
-    program = (self.graphdef, self.tx, loss, tx_kwargs, None if mesh is None else self.placement)
     batches, size = self.placement.batch(batches), jnp.float32(step_size)
     if mesh is not None:  # sharded layouts: jit places and compiles
+      # The state first: making it completes the placement, which keys the program (its hash
+      # must not change while it is a key).
+      state = self.opt_state
+      program = (self.graphdef, self.tx, loss, tx_kwargs, self.placement)
       update = _program(program, lambda: _compiled_update(*program))
       self.params, self.opt_state, aux, stats = update(
-        self.params, self.opt_state, self.rest, ref_params, batches, size
+        self.params, state, self.rest, ref_params, batches, size
       )
       return aux, stats
+    program = (self.graphdef, self.tx, loss, tx_kwargs, None)
     state = self._opt_state
     if state is None:  # compile first, then allocate the state
       state = jax.eval_shape(self.tx.init, self.params)
