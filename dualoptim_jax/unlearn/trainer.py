@@ -342,8 +342,9 @@ def _program(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
   while len(_PROGRAMS) >= _MAX_PROGRAMS:
     _PROGRAMS.pop(next(iter(_PROGRAMS)))
   # Compiling takes gigabytes in small blocks that glibc keeps after they are freed: give back
-  # what earlier steps left before, and the compiler's own after (8-bit DualOptim+ of SmolLM2:
-  # 8.1 -> 4.1 GiB resident after its first step).
+  # what earlier steps left before, and the compiler's own after (one device, where ``make``
+  # compiles; on a mesh jit compiles at the first call). 8-bit DualOptim+ of SmolLM2: resident
+  # after its first step 8.1 -> 6.4 GiB, peak over three steps 9.3 -> 7.7 GiB.
   gc.collect()
   memory.release_freed_memory()
   _PROGRAMS[key] = make()
