@@ -171,14 +171,42 @@ def test_a_run_trains_the_cached_base_in_place_and_reads_it_back(tmp_path):
     np.testing.assert_array_equal(a, b)  # read back: the next run starts from the tuned model
 
 
+def test_reference_rows_are_cached_under_their_models_items_and_settings(tmp_path):
+  data = synthetic_tofu(n_authors=3, qa_per_author=2)
+  cfg = cli.parse_args(TINY + ["--cache-dir", str(tmp_path)])
+  setup = lambda base, retain, d=data: cli.Setup(d, None, None, None, None, base, retain)  # pyright: ignore[reportArgumentType]
+  path = cli.reference_rows_path(setup(tmp_path / "a", tmp_path / "b"), cfg)
+  assert path is not None and path.parent == tmp_path / "evaluations"
+  assert cli.reference_rows_path(setup(tmp_path / "a", tmp_path / "b"), cfg) == path
+  others = [
+    cli.reference_rows_path(setup(tmp_path / "a2", tmp_path / "b"), cfg),
+    cli.reference_rows_path(setup(tmp_path / "a", tmp_path / "b2"), cfg),
+    cli.reference_rows_path(
+      setup(tmp_path / "a", tmp_path / "b"), dataclasses.replace(cfg, max_new_tokens=5)
+    ),
+    cli.reference_rows_path(
+      setup(tmp_path / "a", tmp_path / "b", synthetic_tofu(n_authors=3, qa_per_author=3)), cfg
+    ),
+  ]
+  assert path not in others and len(set(others)) == len(others)
+  assert cli.reference_rows_path(setup(None, tmp_path / "b"), cfg) is None
+
+
 @pytest.mark.slow
-def test_runs_are_deterministic(tmp_path):
+def test_runs_are_deterministic_and_reruns_read_the_reference_rows_back(tmp_path, capsys):
   argv = TINY + ["--presets", "joint", "--cache-dir", str(tmp_path / "cache")]
-  docs = []
+  docs, logs = [], []
   for out in ("a", "b"):
     assert cli.main(argv + ["--out", str(tmp_path / out)]) == 0
     docs.append(json.loads((tmp_path / out / "results.json").read_text()))
-  assert docs[0]["rows"] == docs[1]["rows"]
+    logs.append(capsys.readouterr().out)
+  assert "loaded cached evaluations" not in logs[0] and "loaded cached evaluations" in logs[1]
+  assert docs[0]["rows"] == docs[1]["rows"]  # the cached Initial / Retain-only rows included
+  assert docs[1]["config"]["compiles"]["reference_eval"]["programs"] == 0
+  # Other evaluation settings are another entry.
+  assert cli.main(argv + ["--out", str(tmp_path / "c"), "--max-new-tokens", "3"]) == 0
+  assert "loaded cached evaluations" not in capsys.readouterr().out
+  assert len(list((tmp_path / "cache" / "evaluations").iterdir())) == 2
 
 
 def test_missing_data_dir_fails_cleanly(tmp_path, capsys):

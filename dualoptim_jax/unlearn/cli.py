@@ -835,6 +835,7 @@ class Setup:
   retain_only: nnx.Module | None  # dropped once the reference evaluations are done
   mesh: Any
   base_path: Path | None = None  # the tuned model's cache: runs may then train its buffers
+  retain_path: Path | None = None  # the retain-only model's cache (keys the reference rows)
 
 
 def prepare(cfg: RunConfig, log=print) -> Setup:
@@ -859,6 +860,7 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
       tune("retain", data.retain + general),
       mesh,
       tuned_model_path("full", data.forget + data.retain + general, tok, cfg, cache),
+      tuned_model_path("retain", data.retain + general, tok, cfg, cache),
     )
   # A pretrained LM brings its general knowledge: tune on forget + retain only.
   data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
@@ -869,9 +871,18 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
     kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh, donate_init=donate
   )
   base = tune("full", data.forget + data.retain)
-  path = tuned_model_path("full", data.forget + data.retain, tok, cfg, cache, init_key=key)
+  path = lambda kind, items: tuned_model_path(kind, items, tok, cfg, cache, init_key=key)
   # The last use of the pretrained model: the retain-only fine-tune trains its buffers.
-  return Setup(data, tok, base, tune("retain", data.retain, donate=True), mesh, path)
+  retain_only = tune("retain", data.retain, donate=True)
+  return Setup(
+    data,
+    tok,
+    base,
+    retain_only,
+    mesh,
+    path("full", data.forget + data.retain),
+    path("retain", data.retain),
+  )
 
 
 def evaluation_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -1135,16 +1146,53 @@ def _describe_tofu(result: dict[str, Any]) -> str:
   return f"UFE {result['forget_efficacy']:.3f}, MU {result['model_utility']:.3f}"
 
 
-def _reference_rows(setup: Setup, cfg: RunConfig) -> tuple[dict[str, list], Any]:
-  """The Initial and Retain-only rows, and the retain-only forget truth ratios (forget quality's
-  reference). The retain-only model is dropped afterwards: nothing else needs it."""
-  assert setup.retain_only is not None
-  reference = evaluate(setup, cfg, setup.retain_only)
-  ratios = reference["per_item"]["forget"]["truth_ratio"]
-  references = {
-    "Initial": [evaluate(setup, cfg, setup.base, ratios)],
-    "Retain-only": [_with_forget_quality(reference, ratios)],
+def reference_rows_path(setup: Setup, cfg: RunConfig) -> Path | None:
+  """Where :func:`_reference_rows` caches the Initial and Retain-only rows: keyed by both tuned
+  models' cache entries, the evaluated items, the evaluation settings and what can change the
+  last bits of a result (devices, processes, JAX version). None without both models' entries."""
+  if setup.base_path is None or setup.retain_path is None:
+    return None
+  settings = {k: v for k, v in evaluation_settings(cfg).items() if k != "progress"}
+  items = {
+    f: [dataclasses.asdict(it) for it in getattr(setup.data, f)]
+    for f in metrics.SPLIT_FIELDS.values()
   }
+  key = _digest(
+    _CACHE_VERSION,
+    setup.base_path.name,
+    setup.retain_path.name,
+    items,
+    settings,
+    cfg.mesh,
+    jax.process_count(),
+    jax.__version__,
+    str(jax.devices()[0].device_kind),
+  )
+  return _cache_dir(cfg) / "evaluations" / f"tofu-{key}.json"
+
+
+def _reference_rows(setup: Setup, cfg: RunConfig, log=print) -> tuple[dict[str, list], Any]:
+  """The Initial and Retain-only rows, and the retain-only forget truth ratios (forget quality's
+  reference), read from their cache (:func:`reference_rows_path`) when a run of the same models
+  and settings made them. The retain-only model is dropped afterwards: nothing else needs it."""
+  assert setup.retain_only is not None
+  path = reference_rows_path(setup, cfg)
+  if path is not None and distributed.all_true(path.is_file()):
+    references, ratios = json.loads(path.read_text())
+    log(f"reference rows: loaded cached evaluations {path}")
+  else:
+    reference = evaluate(setup, cfg, setup.retain_only)
+    ratios = reference["per_item"]["forget"]["truth_ratio"]
+    references = {
+      "Initial": [evaluate(setup, cfg, setup.base, ratios)],
+      "Retain-only": [_with_forget_quality(reference, ratios)],
+    }
+    if path is not None and distributed.is_primary():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      # Plain JSON with NaN kept (``json`` writes and reads it), so a cached row is the row.
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text(json.dumps([references, ratios]))
+      tmp.replace(path)
   setup.retain_only = None
   memory.release_freed_memory()
   return references, ratios
@@ -1210,7 +1258,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
   after_models = compiles.snapshot()
   compiled["models"] = after_models.since(start).as_dict()
   t_eval = time.perf_counter()
-  references, ratios = _reference_rows(setup, cfg)
+  references, ratios = _reference_rows(setup, cfg, log)
   eval_s = time.perf_counter() - t_eval
   after_reference = compiles.snapshot()
   compiled["reference_eval"] = after_reference.since(after_models).as_dict()
