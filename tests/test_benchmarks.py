@@ -139,6 +139,18 @@ def test_bench_lm_pipeline_quick(tmp_path):
   assert decoders["bare loop"]["ratio_to_bare"] == pytest.approx(1.0)
 
 
+def test_bench_lm_update_quick(tmp_path):
+  payload = run_quick(
+    "bench_lm_update.py", tmp_path, "--presets", "alternate,dualoptim_plus", "--bare-step-ms", "500"
+  )
+  rows = {r["preset"]: r for r in payload["results"]}
+  assert list(rows) == ["alternate", "dualoptim_plus"] and payload["parameters"] > 0
+  for row in rows.values():
+    assert row["adamw_ms"] > 0 and row["update_ms"] > 0
+    assert row["excess_ms"] == pytest.approx(row["update_ms"] - row["adamw_ms"])
+    assert row["predicted_ratio"] == pytest.approx(1 + row["excess_ms"] / 500)
+
+
 @pytest.mark.slow
 def test_bench_step_costs_quick(tmp_path):
   payload = run_quick("bench_step_costs.py", tmp_path)
