@@ -58,6 +58,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from dualoptim_jax.hyperparams import is_traced
 from dualoptim_jax.quantize import QuantizedArray
 from dualoptim_jax.storage import absmax_sharding
 
@@ -70,6 +71,7 @@ __all__ = [
   "batch_sharding",
   "process_batch",
   "host_value",
+  "committed",
 ]
 
 
@@ -352,3 +354,20 @@ def host_value(x: Any) -> np.ndarray:
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def committed(tree: Any) -> Any:
+  """``tree`` with every uncommitted array committed to the device it is on (no copy).
+
+  ``jax.jit`` compiles a different program for a committed argument (an orbax restore, a sharded
+  array) than for an uncommitted one (a fresh ``jnp`` array, a jitted output of uncommitted
+  inputs), and keys JAX's persistent compilation cache differently. Functions that take a model's
+  arrays from either origin pass them through here, so one program serves both.
+  """
+
+  def one(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not is_traced(x) and not x.committed:
+      return jax.device_put(x, x.sharding)
+    return x
+
+  return jax.tree.map(one, tree)

@@ -171,6 +171,15 @@ def test_a_run_trains_the_cached_base_in_place_and_reads_it_back(tmp_path):
     np.testing.assert_array_equal(a, b)  # read back: the next run starts from the tuned model
 
 
+def test_the_cache_directory_is_absolute(tmp_path, monkeypatch):
+  # JAX keys its compilation cache by the directory's spelling: a relative path would miss.
+  monkeypatch.chdir(tmp_path)
+  cfg = cli.parse_args(TINY + ["--cache-dir", "c"])
+  assert cli._cache_dir(cfg) == tmp_path.resolve() / "c"
+  monkeypatch.setenv("XDG_CACHE_HOME", "x")
+  assert cli._cache_dir(cli.parse_args(TINY)) == tmp_path.resolve() / "x" / "dualoptim_jax"
+
+
 def test_reference_rows_are_cached_under_their_models_items_and_settings(tmp_path):
   data = synthetic_tofu(n_authors=3, qa_per_author=2)
   cfg = cli.parse_args(TINY + ["--cache-dir", str(tmp_path)])

@@ -355,6 +355,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dualoptim_jax.models import generate as generate_lib  # noqa: E402
 from dualoptim_jax.models.generate import greedy_generate  # noqa: E402
 from dualoptim_jax.models.llama import Llama, LlamaConfig  # noqa: E402
 from dualoptim_jax.unlearn.data import PROMPT_TEMPLATE, encode_qa  # noqa: E402
@@ -495,3 +496,25 @@ def test_summarize_half_is_summarize_of_the_halves_items():
   assert M.half(5, "validation").tolist() == [0, 2, 4] and M.half(5, "test").tolist() == [1, 3]
   with pytest.raises(ValueError, match="too few to halve"):
     M.summarize_half({"per_item": {"forget": {"prob": [0.5]}}}, "test")
+
+
+def test_a_restored_and_a_fresh_model_share_the_evaluation_programs():
+  # A model restored from a checkpoint holds committed arrays and a fine-tuned one uncommitted
+  # arrays; jit compiles (and keys the persistent cache) differently for each unless the
+  # evaluation commits them first.
+  tok = CharTokenizer()
+  model = Llama(LlamaConfig.tiny(CharTokenizer.vocab_size), rngs=nnx.Rngs(1))
+  logprob_fn, generate_fn = M.model_fns(model, tok, max_new_tokens=3)
+  assert not jax.tree.leaves(nnx.state(model))[0].committed
+  first = (logprob_fn(["Q1"], ["A1"]), generate_fn(["Q1"]))
+  programs = (M._answer_logprob_sums._cache_size(), generate_lib._generate_cached._cache_size())
+  graphdef, state = nnx.split(model)
+  nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), state))
+  assert jax.tree.leaves(nnx.state(model))[0].committed
+  second = (logprob_fn(["Q1"], ["A1"]), generate_fn(["Q1"]))
+  assert (
+    M._answer_logprob_sums._cache_size(),
+    generate_lib._generate_cached._cache_size(),
+  ) == programs
+  np.testing.assert_array_equal(first[0][0], second[0][0])
+  assert first[1] == second[1]

@@ -316,3 +316,13 @@ def test_sharded_training_equals_single_device_dualoptim_plus(slow):
   preset = slow["training"]["dualoptim_plus"]
   assert preset["state"]["wrong"] == []
   assert preset["max_abs_loss_diff"] < 1e-3
+
+
+def test_committed_commits_in_place_and_leaves_the_rest():
+  fresh = jnp.arange(6.0)
+  placed = jax.device_put(jnp.ones(3), jax.devices()[0])
+  out = S.committed({"a": fresh, "b": placed, "c": 3, "d": np.zeros(2)})
+  assert not fresh.committed and out["a"].committed
+  assert out["a"].unsafe_buffer_pointer() == fresh.unsafe_buffer_pointer()  # no copy
+  assert out["b"] is placed and out["c"] == 3 and isinstance(out["d"], np.ndarray)
+  np.testing.assert_array_equal(out["a"], fresh)

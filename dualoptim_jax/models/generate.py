@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dualoptim_jax.models.llama import Llama
-from dualoptim_jax.sharding import host_value
+from dualoptim_jax.sharding import committed, host_value
 
 __all__ = ["greedy_generate", "pad_prompts"]
 
@@ -136,6 +136,7 @@ def greedy_generate(
   if use_cache:
     ids, mask = pad_prompts(prompts, pad_id=pad_id, side=padding_side, multiple=pad_to_multiple)
     graphdef, state = nnx.split(model)
+    state = committed(state)  # a fine-tuned or a restored model: one program
     out = host_value(  # every process decodes the same batch (a multi-process model included)
       _generate_cached(
         graphdef,

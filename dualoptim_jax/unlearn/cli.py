@@ -629,9 +629,12 @@ def corpus(data: D.UnlearningData) -> list[str]:
 
 def _cache_dir(cfg: RunConfig) -> Path:
   if cfg.cache_dir is not None:
-    return Path(cfg.cache_dir).expanduser()
-  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-  return Path(base) / "dualoptim_jax"
+    path = Path(cfg.cache_dir).expanduser()
+  else:
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualoptim_jax"
+  # Absolute: JAX keys its compilation cache by how the directory is spelled, so the same
+  # directory reached by another relative path would never hit what an earlier run wrote.
+  return path.resolve()
 
 
 def _digest(*parts: Any) -> str:

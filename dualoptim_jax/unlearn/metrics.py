@@ -46,7 +46,7 @@ from flax import nnx
 from scipy import special, stats
 
 from dualoptim_jax.models.generate import greedy_generate
-from dualoptim_jax.sharding import host_value
+from dualoptim_jax.sharding import committed, host_value
 from dualoptim_jax.unlearn.data import PROMPT_TEMPLATE, collate, encode_qa
 from dualoptim_jax.unlearn.losses import answer_logprobs
 
@@ -702,6 +702,7 @@ def model_fns(
     length = min(-(-longest // pad_to_multiple) * pad_to_multiple, max(max_len, longest))
     batch = collate(_pad_rows(encoded), tokenizer.pad_id, length)
     graphdef, state = nnx.split(model)  # split per call: the model may have been updated
+    state = committed(state)  # a fine-tuned or a restored model: one program
     sums = _answer_logprob_sums(graphdef, state, batch["input_ids"], batch["answer_mask"])
     n = len(encoded)
     return host_value(sums).astype(np.float64)[:n], batch["answer_mask"][:n].sum(-1).astype(
