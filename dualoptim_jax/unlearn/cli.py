@@ -855,36 +855,34 @@ def prepare(cfg: RunConfig, log=print) -> Setup:
     tok = Tokenizer.train(corpus(data), vocab_size=vocab, cache_path=cache / "tokenizers")
     log(f"tokenizer: {tok.vocab_size} tokens; model: Llama {cfg.model_size}; {jax.devices()}")
     general = data.real_authors + data.world_facts
-    tune = lambda kind, items: tuned_model(kind, items, tok, cfg, cache, log, mesh=mesh)
-    return Setup(
-      data,
-      tok,
-      tune("full", data.forget + data.retain + general),
-      tune("retain", data.retain + general),
-      mesh,
-      tuned_model_path("full", data.forget + data.retain + general, tok, cfg, cache),
-      tuned_model_path("retain", data.retain + general, tok, cfg, cache),
-    )
-  # A pretrained LM brings its general knowledge: tune on forget + retain only.
-  data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
-  log(data.summary())
-  start, tok, key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
-  log(pretrained.describe(start, cfg.model, key) + f"; devices: {jax.devices()}")
+    full_items, retain_items = data.forget + data.retain + general, data.retain + general
+    init: dict[str, Any] = {}
+  else:
+    # A pretrained LM brings its general knowledge: tune on forget + retain only.
+    data = pretrained.subset(data, cfg.forget_items, cfg.retain_items)
+    log(data.summary())
+    start, tok, key = pretrained.load_model(cfg.model, n_layers=cfg.model_layers)
+    log(pretrained.describe(start, cfg.model, key) + f"; devices: {jax.devices()}")
+    full_items, retain_items = data.forget + data.retain, data.retain
+    init = {"init": start, "init_key": key}
   tune = lambda kind, items, donate=False: tuned_model(
-    kind, items, tok, cfg, cache, log, init=start, init_key=key, mesh=mesh, donate_init=donate
+    kind, items, tok, cfg, cache, log, mesh=mesh, donate_init=donate, **init
   )
-  base = tune("full", data.forget + data.retain)
-  path = lambda kind, items: tuned_model_path(kind, items, tok, cfg, cache, init_key=key)
-  # The last use of the pretrained model: the retain-only fine-tune trains its buffers.
-  retain_only = tune("retain", data.retain, donate=True)
+  path = lambda kind, items: tuned_model_path(
+    kind, items, tok, cfg, cache, init_key=init.get("init_key")
+  )
+  base = tune("full", full_items)
+  # The last use of a pretrained model: the retain-only fine-tune trains its buffers (a model
+  # trained from scratch is always its own).
+  retain_only = tune("retain", retain_items, donate=True)
   return Setup(
     data,
     tok,
     base,
     retain_only,
     mesh,
-    path("full", data.forget + data.retain),
-    path("retain", data.retain),
+    path("full", full_items),
+    path("retain", retain_items),
   )
 
 
