@@ -43,6 +43,9 @@ Storage: every stored moment leaf goes through a
 :class:`~dualoptim_jax.storage.MomentCodec` chosen once per update per leaf from
 its global shape (:mod:`dualoptim_jax.storage`: float by default; 8-bit
 block-wise quantisation). The maths above never sees the storage format.
+Leaves of one shape whose codecs ask for it (8-bit ones) are stacked and
+updated by one loop, so the compiled step holds one copy of the codec per
+group, not per leaf (``_Plan``).
 
 References:
   Zhong et al., "DualOptim: Enhancing Efficacy and Stability in Machine
@@ -260,24 +263,89 @@ class _Leaf(NamedTuple):
 
 
 class _Plan(NamedTuple):
+  """The state's layout: per parameter leaf its :class:`_Leaf`, and the units an update runs on.
+
+  A *unit* is one leaf, or a group of same-shaped leaves whose codecs all ask
+  to be stacked (:attr:`~dualoptim_jax.storage.MomentCodec.stack`): the group
+  is stacked along a new leading axis and its per-leaf computation is the body
+  of one loop over it (:meth:`run`). The maths per leaf is unchanged; the
+  compiled program has one copy of the (long) codec per unit instead of per
+  leaf.
+  """
+
   treedef: Any
-  leaves: list[_Leaf]
+  leaves: list[_Leaf]  # per parameter leaf
+  groups: list[tuple[int, ...]]  # per unit: the indices of its leaves
+
+  @property
+  def units(self) -> list[_Leaf]:
+    """Per unit: the description its leaves share."""
+    return [self.leaves[g[0]] for g in self.groups]
+
+  def flat(self, tree: Any) -> list[Any]:
+    """Per unit: its leaf of ``tree``, or its leaves stacked."""
+    xs = self.treedef.flatten_up_to(tree)
+    return [xs[g[0]] if len(g) == 1 else _stack([xs[i] for i in g]) for g in self.groups]
+
+  def unflat(self, values: Sequence[Any]) -> Any:
+    """Inverse of :meth:`flat`."""
+    out: list[Any] = [None] * len(self.leaves)
+    for g, v in zip(self.groups, values):
+      if len(g) == 1:
+        out[g[0]] = v
+      else:
+        for m, i in enumerate(g):
+          out[i] = jax.tree.map(lambda a, m=m: a[m], v)
+    return self.treedef.unflatten(out)
+
+  def run(self, j: int, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` of one leaf, for unit ``j``: a loop over its leaves if it is a group.
+
+    A loop, not ``jax.vmap``: XLA fuses a vmapped computation into each leaf's
+    slice of its result, which compiles the codec once per leaf again; a
+    loop's body is compiled once and its results are only copied out.
+    """
+    if len(self.groups[j]) == 1:
+      return fn(*args)
+    return jax.lax.map(lambda a: fn(*a), args)
 
   def split(self, trees: Sequence[Any]) -> list[list[Any]]:
-    """Per leaf, per moment: the stored values of ``trees`` (one tree per moment)."""
-    flat = [self.treedef.flatten_up_to(t) for t in trees]
-    return [[f[j] for f in flat] for j in range(len(self.leaves))]
+    """Per unit, per moment: the stored values of ``trees`` (one tree per moment)."""
+    flat = [self.flat(t) for t in trees]
+    return [[f[j] for f in flat] for j in range(len(self.groups))]
 
-  def join(self, per_leaf: list[list[Any]], num_moments: int) -> tuple[Any, ...]:
+  def join(self, per_unit: list[list[Any]], num_moments: int) -> tuple[Any, ...]:
     """Inverse of :meth:`split`."""
-    return tuple(self.treedef.unflatten([x[i] for x in per_leaf]) for i in range(num_moments))
+    return tuple(self.unflat([x[i] for x in per_unit]) for i in range(num_moments))
 
-  def decode(self, stored: Sequence[Any], which: str) -> list[list[Array]]:
-    """Per leaf, per moment: the stored ``"base"`` or ``"delta"`` trees, decoded."""
-    return [
-      [getattr(leaf, which)[i].decode(x).astype(leaf.dtype) for i, x in enumerate(xs)]
-      for leaf, xs in zip(self.leaves, self.split(stored))
-    ]
+
+def _decode(codecs: Sequence[MomentCodec], stored: Sequence[Any], dtype: Any) -> list[Array]:
+  return [c.decode(x).astype(dtype) for c, x in zip(codecs, stored)]
+
+
+def _per_unit(plan: _Plan, trees: tuple) -> list[tuple]:
+  """Per unit: per tree of ``trees`` (one per objective), its per-moment values."""
+  split = [plan.split(t) for t in trees]
+  return [tuple(s[j] for s in split) for j in range(len(plan.groups))]
+
+
+def _stack(values: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+
+
+def _groups(leaves: list[_Leaf]) -> list[tuple[int, ...]]:
+  """Leaves with equal descriptions and stackable codecs, together; the rest alone."""
+  groups: dict[Any, list[int]] = {}
+  for i, leaf in enumerate(leaves):
+    key: Any = ("alone", i)
+    if all(c.stack for c in leaf.base + leaf.delta):
+      try:
+        hash(leaf)
+        key = leaf
+      except TypeError:
+        pass
+    groups.setdefault(key, []).append(i)
+  return [tuple(g) for g in groups.values()]
 
 
 def _make_plan(
@@ -306,7 +374,7 @@ def _make_plan(
     stored = [jax.eval_shape(c.init, sp) for c, sp in zip(delta, specs)]
     lossless = tuple(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == dtype for x in stored)
     leaves.append(_Leaf(dtype, specs, base, delta, lossless))
-  return _Plan(treedef, leaves)
+  return _Plan(treedef, leaves, _groups(leaves))
 
 
 # ------------------------------------------------------------------------------
@@ -335,12 +403,15 @@ class _SharedBase:
         for leaf, p in zip(plan.leaves, params_flat)
       ]
 
+    def join(per_leaf: list[list[Any]]) -> tuple[Any, ...]:
+      return tuple(plan.treedef.unflatten([x[i] for x in per_leaf]) for i in range(n))
+
     k, n = self.num_objectives, len(self.moments)
     return SharedBaseState(
       count=jnp.zeros([], jnp.int32),
       counts=jnp.zeros([k], jnp.int32),
-      base=plan.join(zeros("base"), n) if self.use_base else (),
-      deltas=tuple(plan.join(zeros("delta"), n) for _ in range(k)),
+      base=join(zeros("base")) if self.use_base else (),
+      deltas=tuple(join(zeros("delta")) for _ in range(k)),
     )
 
   def step(
@@ -348,39 +419,61 @@ class _SharedBase:
     plan: _Plan,
     grads: Any,
     base: tuple,
-    d_olds: list,
+    olds: tuple,
     n_prev: Array,
     t_prev: Array,
-    d_stored: list | None = None,
+    objective: Any = 0,
+    news: tuple | None = None,
   ) -> tuple[Any, tuple[Any, ...]]:
-    """``(updates, the objective's new stored deltas)`` from decoded old deltas.
+    """``(updates, the active objective's new stored deltas)``.
 
-    ``d_olds[j][i]`` is leaf ``j``'s delta of moment ``i`` before this step
-    (decoded); ``d_stored``: see :func:`leaf_step`.
+    ``olds``: stored delta trees, one per objective, of which ``objective``'s
+    (a static int, or traced) is read. ``news``: the same after this step's
+    EMA, or ``None``; where a delta is stored unrounded its new value is read
+    from there instead of recomputed (see :func:`leaf_step`).
     """
-    b_hats = plan.decode(base, "base") if self.use_base else None
     cache: dict[tuple[int, Any], Corrections] = {}
     updates, new_deltas = [], []
-    for j, (leaf, g) in enumerate(zip(plan.leaves, plan.treedef.flatten_up_to(grads))):
+    per_unit = zip(
+      plan.units,
+      plan.flat(grads),
+      plan.split(base) if self.use_base else [None] * len(plan.groups),
+      _per_unit(plan, olds),
+      _per_unit(plan, news) if news is not None else [None] * len(plan.groups),
+    )
+    for j, (leaf, *args) in enumerate(per_unit):
       scales = []
       for i, m in enumerate(self.moments):
         if (i, leaf.dtype) not in cache:
           cache[i, leaf.dtype] = corrections(m, leaf.dtype, n_prev, t_prev)
         scales.append(cache[i, leaf.dtype])
-      b = [x * c.base for x, c in zip(b_hats[j], scales)] if b_hats else [None] * len(scales)
-      u, d_new = leaf_step(
-        self.moments,
-        self.direction,
-        g.astype(leaf.dtype),
-        b,
-        d_olds[j],
-        scales,
-        careful_rounding=self.careful_rounding,
-        d_stored=None if d_stored is None else d_stored[j],
-      )
-      updates.append(u.astype(g.dtype))
-      new_deltas.append([c.encode(x) for c, x in zip(leaf.delta, d_new)])
-    return plan.treedef.unflatten(updates), plan.join(new_deltas, len(self.moments))
+
+      def one_leaf(g, base, olds, news, leaf=leaf, scales=scales):
+        decoded = lambda xs: _decode(leaf.delta, xs, leaf.dtype)
+        pick = lambda trees: [objective_lib.select(objective, list(v)) for v in zip(*trees)]
+        b = [None] * len(scales)
+        if base is not None:
+          b = [x * c.base for x, c in zip(_decode(leaf.base, base, leaf.dtype), scales)]
+        d_stored = None
+        if news is not None:
+          d_new = pick([decoded(xs) for xs in news])
+          d_stored = [x if ok else None for x, ok in zip(d_new, leaf.lossless)]
+        u, d_new = leaf_step(
+          self.moments,
+          self.direction,
+          g.astype(leaf.dtype),
+          b,
+          pick([decoded(xs) for xs in olds]),
+          scales,
+          careful_rounding=self.careful_rounding,
+          d_stored=d_stored,
+        )
+        return u.astype(g.dtype), [c.encode(x) for c, x in zip(leaf.delta, d_new)]
+
+      u, encoded = plan.run(j, one_leaf, *args)
+      updates.append(u)
+      new_deltas.append(encoded)
+    return plan.unflat(updates), plan.join(new_deltas, len(self.moments))
 
   def base_step(self, plan: _Plan, grads: Any, base: tuple, keep: Array | None = None) -> tuple:
     """The shared base after this step (independent of the objective).
@@ -388,22 +481,28 @@ class _SharedBase:
     ``keep``: a traced bool; where True the stored base is returned unchanged.
     """
     new_base = []
-    for leaf, g, stored in zip(plan.leaves, plan.treedef.flatten_up_to(grads), plan.split(base)):
-      gc = g.astype(leaf.dtype)
-      out = []
-      for m, codec, x in zip(self.moments, leaf.base, stored):
-        encoded = codec.encode(base_ema(m, codec.decode(x).astype(leaf.dtype), m.statistic(gc)))
-        if keep is not None:
-          encoded = jax.tree.map(lambda new, old: jnp.where(keep, old, new), encoded, x)
-        out.append(encoded)
-      new_base.append(out)
+    for j, (leaf, g, stored) in enumerate(zip(plan.units, plan.flat(grads), plan.split(base))):
+
+      def one_leaf(g, stored, leaf=leaf):
+        gc = g.astype(leaf.dtype)
+        out = []
+        for m, codec, x in zip(self.moments, leaf.base, stored):
+          encoded = codec.encode(base_ema(m, codec.decode(x).astype(leaf.dtype), m.statistic(gc)))
+          if keep is not None:
+            kept = lambda new, old, keep=keep: jnp.where(keep, old, new)
+            encoded = jax.tree.map(kept, encoded, x)
+          out.append(encoded)
+        return out
+
+      new_base.append(plan.run(j, one_leaf, g, stored))
     return plan.join(new_base, len(self.moments))
 
   def static_update(self, k: int, grads: Any, state: SharedBaseState):
     """The readable reference: objective ``k``'s deltas, then the base; one program per k."""
     plan = _make_plan(self.moments, self.storage, self.use_base, grads)
-    d_olds = plan.decode(state.deltas[k], "delta")
-    updates, delta = self.step(plan, grads, state.base, d_olds, state.count, state.counts[k])
+    updates, delta = self.step(
+      plan, grads, state.base, (state.deltas[k],), state.count, state.counts[k]
+    )
     return updates, SharedBaseState(
       count=_increment(state.count),
       counts=state.counts.at[k].set(_increment(state.counts[k])),
@@ -443,17 +542,10 @@ class _SharedBase:
     n_prev, t_prev = state.count, state.counts[k]
 
     def active_deltas(kk: int, stored: tuple) -> tuple:
-      d_olds = plan.decode(stored, "delta")
-      return self.step(plan, grads, state.base, d_olds, n_prev, state.counts[kk])[1]
+      return self.step(plan, grads, state.base, (stored,), n_prev, state.counts[kk])[1]
 
     deltas, ready = objective_lib.update_in_place(objective, state.deltas, active_deltas)
-    d_olds = _select(objective, [plan.decode(d, "delta") for d in state.deltas])
-    d_new = _select(objective, [plan.decode(d, "delta") for d in deltas])
-    d_stored = [
-      [x if ok else None for x, ok in zip(xs, leaf.lossless)]
-      for xs, leaf in zip(d_new, plan.leaves)
-    ]
-    updates, _ = self.step(plan, grads, state.base, d_olds, n_prev, t_prev, d_stored)
+    updates, _ = self.step(plan, grads, state.base, state.deltas, n_prev, t_prev, objective, deltas)
     updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan), updates)
     base = state.base
     if self.use_base:
@@ -472,14 +564,6 @@ class _SharedBase:
     if objective_lib.is_static(objective):
       return self.static_update(objective, updates, state)
     return self.traced_update(jnp.asarray(objective), updates, state)
-
-
-def _select(objective: Array, per_objective: list[list[list[Array]]]) -> list[list[Array]]:
-  """Elementwise ``per_objective[objective]`` of nested per-leaf, per-moment lists."""
-  return [
-    [objective_lib.select(objective, [x[j][i] for x in per_objective]) for i in range(len(row))]
-    for j, row in enumerate(per_objective[0])
-  ]
 
 
 def shared_base_moments(

@@ -331,32 +331,30 @@ def _num_blocks(n: int, block_size: int) -> int:
   return -(-n // block_size)
 
 
-def _to_blocks(x: jax.Array, block_size: int, fill) -> jax.Array:
-  """``(*lead, n) -> (*lead, nb, b)``: rows cut into contiguous blocks.
+def _row_parts(x: jax.Array, block_size: int) -> list[jax.Array]:
+  """``(*lead, n)`` rows as blocks: ``(*lead, n // b, b)`` whole ones, then ``(*lead, 1, n % b)``.
 
-  ``b = block_size`` (the row is padded with ``fill`` to ``nb * b``), except
-  that a row shorter than one block stays one block of its own length, which
-  needs no padding.
+  Either part is left out when empty (a row shorter than one block is one
+  block of its own length). Nothing is padded: a padded copy would be a
+  float32 temporary of the whole moment, since the block reduction needs it
+  materialised, where the two parts fuse with their producer and consumer.
   """
   if x.ndim == 0:
     x = x.reshape(1)
   *lead, n = x.shape
-  nb = _num_blocks(n, block_size)
-  if nb == 1:
-    return x.reshape(*lead, 1, n)
-  pad = nb * block_size - n
-  if pad:
-    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)], constant_values=fill)
-  return x.reshape(*lead, nb, block_size)
+  whole = n // block_size * block_size
+  parts = []
+  if whole or not n:  # an empty row is no blocks, not no parts
+    parts.append(x[..., :whole].reshape(*lead, whole // block_size, block_size))
+  if whole < n:
+    parts.append(x[..., whole:].reshape(*lead, 1, n - whole))
+  return parts
 
 
-def _from_blocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Inverse of :func:`_to_blocks` (drops the padding)."""
-  n = shape[-1] if shape else 1
-  rows = blocks.reshape(*blocks.shape[:-2], -1)
-  if rows.shape[-1] != n:
-    rows = rows[..., :n]
-  return rows.reshape(shape)
+def _join_rows(parts: list[jax.Array], shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`_row_parts`."""
+  rows = [p.reshape(*p.shape[:-2], -1) for p in parts]
+  return (rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=-1)).reshape(shape)
 
 
 def absmax_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
@@ -418,8 +416,15 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"quantize_blockwise needs a floating array, got {x.dtype}")
-  shape = x.shape
-  blocks = _to_blocks(x.astype(jnp.float32), block_size, 0.0)
+  parts = _row_parts(x.astype(jnp.float32), block_size)
+  scales = [_block_absmax(p) for p in parts]
+  codes = [_encode(p * _reciprocal(a)[..., None], signed) for p, a in zip(parts, scales)]
+  absmax = scales[0] if len(scales) == 1 else jnp.concatenate(scales, axis=-1)
+  return QuantizedArray(codes=_join_rows(codes, x.shape), absmax=absmax)
+
+
+def _block_absmax(blocks: jax.Array) -> jax.Array:
+  """Largest magnitude per block (the last axis); NaN for a block holding a non-finite value."""
   # One variadic max/min reduction instead of max(abs(x)): XLA:CPU fuses the
   # producer of x (e.g. decode -> EMA) into it, where a plain max would be
   # handed to a library kernel that needs x materialised in float32.
@@ -430,12 +435,13 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = 256) -> 
     (blocks.ndim - 1,),
   )
   absmax = jnp.maximum(hi, -lo)
-  absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
-  # Multiply by the reciprocal (cheaper than a divide).  Zero, subnormal and
-  # NaN scales give 0 so the codes stay finite and deterministic.
-  inv = jnp.where(absmax >= np.finfo(np.float32).tiny, 1.0 / absmax, 0.0)
-  codes = _encode(blocks * inv[..., None], signed)
-  return QuantizedArray(codes=_from_blocks(codes, shape), absmax=absmax)
+  return jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
+
+
+def _reciprocal(absmax: jax.Array) -> jax.Array:
+  # Multiplying by it is cheaper than dividing.  Zero, subnormal and NaN
+  # scales give 0 so the codes stay finite and deterministic.
+  return jnp.where(absmax >= np.finfo(np.float32).tiny, 1.0 / absmax, 0.0)
 
 
 def dequantize_blockwise(
@@ -458,15 +464,18 @@ def dequantize_blockwise(
   """
   _check_block_size(block_size)
   shape = q.codes.shape
-  codes = _to_blocks(q.codes, block_size, _ZERO_CODE[bool(signed)])
-  expected = (*shape[:-1], codes.shape[-2]) if shape else (1,)
+  expected = absmax_shape(shape, block_size)
   if q.absmax.shape != expected:
     raise ValueError(
       f"absmax has shape {q.absmax.shape}, expected {expected} for codes of"
       f" shape {shape} and block_size={block_size}"
     )
-  blocks = _decode(codes, bool(signed)) * q.absmax[..., None].astype(jnp.float32)
-  return _from_blocks(blocks, shape).astype(dtype)
+  parts, start = [], 0
+  for codes in _row_parts(q.codes, block_size):
+    scales = q.absmax[..., start : start + codes.shape[-2]]
+    start += codes.shape[-2]
+    parts.append(_decode(codes, bool(signed)) * scales[..., None].astype(jnp.float32))
+  return _join_rows(parts, shape).astype(dtype)
 
 
 def state_nbytes(tree: Any) -> int:

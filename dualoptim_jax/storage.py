@@ -28,6 +28,7 @@ parameter's shards, as ``optax.adamw(...).init`` does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -68,11 +69,20 @@ class MomentCodec(NamedTuple):
   ``init(spec)`` returns the stored zero moment for a ``jax.ShapeDtypeStruct``
   (the moment's shape and the parameter's dtype; its ``sharding``, when set,
   is where to create it).
+
+  ``stack``: leaves of the same shape whose codecs are equal and all set
+  ``stack`` are updated together, stacked along a new axis under
+  ``jax.vmap`` (same results), so the compiled step holds one copy of the
+  codec per group instead of one per leaf. Stacking copies the stored values,
+  so it pays for long codecs over small storage (8-bit codes: XLA:CPU compiled
+  the codec of SmolLM2-135M's 211 quantized leaves into a step of ~1.6 GiB
+  resident and ~80 s of compile), not for plain float moments.
   """
 
   init: Callable[[jax.ShapeDtypeStruct], Any]
   encode: Callable[[jax.Array], Any]
   decode: Callable[[Any], jax.Array]
+  stack: bool = False
 
 
 # (path of the parameter, the stored moment's global shape and the parameter's
@@ -341,9 +351,16 @@ def state_storage(
       min_8bit_size=min_8bit_size,
       dtype=dtype or spec.dtype,
     )
-    return MomentCodec(init=moment.init, encode=moment.encode, decode=moment.decode)
+    return _codec(moment)
 
   return policy
+
+
+@functools.cache
+def _codec(moment: MomentSpec) -> MomentCodec:
+  # One codec per distinct spec, so that equal specs give equal codecs (bound
+  # methods compare by the identity of their object), which stacking needs.
+  return MomentCodec(moment.init, moment.encode, moment.decode, stack=moment.quantized)
 
 
 def resolve_storage(

@@ -563,3 +563,12 @@ def test_sharded_like_the_parameter_needs_no_collective():
   # The check can fail: shards that split a block do need communication.
   assert straddling["collectives"], straddling
   assert straddling["equal"]
+
+
+def test_rows_are_cut_into_blocks_without_a_padded_copy():
+  """A row of 576 in blocks of 256 (two whole blocks and a short one) is coded
+  in place: the compiled program holds no float32 copy of the input padded to
+  768 (which the block reduction would have to materialise)."""
+  x = jax.ShapeDtypeStruct((576, 576), jnp.float32)
+  program = jax.jit(lambda x: quantize(x * 2.0 + 1.0, signed=True)).lower(x).compile()
+  assert program.memory_analysis().temp_size_in_bytes < 576 * 576 * 4 / 2

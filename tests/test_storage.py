@@ -249,3 +249,17 @@ def test_state_nbytes_100m_layout():
   state = jax.eval_shape(dj.dualoptim_plus(1e-3).init, params)
   assert dj.state_nbytes(state) == analytic_bytes(params, 0, 6, 4 + 8 + 4)
   assert measured["dualoptim_plus_8bit"] / n_params <= 6.2
+
+
+def test_equal_8bit_moments_share_one_stackable_codec():
+  """The policy gives same-shaped quantized moments equal codecs marked
+  ``stack`` (so the update runs them as one group), and float ones unmarked."""
+  policy = dj.state_storage(state_bits=8)
+  spec = jax.ShapeDtypeStruct((64, 300), jnp.float32)
+  a = policy(("a",), spec, 0, True, False)
+  b = policy(("b",), spec, 0, True, False)
+  assert a == b and a.stack
+  assert policy(("a",), spec, 1, True, True) != a  # unsigned map: another codec
+  small = policy(("bias",), jax.ShapeDtypeStruct((300,), jnp.float32), 0, True, False)
+  assert not small.stack
+  assert not dj.state_storage()(("a",), spec, 0, True, False).stack
