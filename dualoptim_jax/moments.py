@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import optax
 
 from dualoptim_jax import objective as objective_lib
-from dualoptim_jax.hyperparams import check_decay
+from dualoptim_jax.hyperparams import check_decay, is_traced
 from dualoptim_jax.storage import MomentCodec, StoragePolicy, float_storage, placed_spec
 
 Array = jax.Array
@@ -333,12 +333,16 @@ def _stack(values: list[Any]) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *values)
 
 
-def _groups(leaves: list[_Leaf]) -> list[tuple[int, ...]]:
-  """Leaves with equal descriptions and stackable codecs, together; the rest alone."""
+def _groups(leaves: list[_Leaf], traced: bool) -> list[tuple[int, ...]]:
+  """Leaves with equal descriptions and stackable codecs, together; the rest alone.
+
+  Only under a trace: run eagerly, a loop would be traced and compiled again
+  at every update, where single operations are cached.
+  """
   groups: dict[Any, list[int]] = {}
   for i, leaf in enumerate(leaves):
     key: Any = ("alone", i)
-    if all(c.stack for c in leaf.base + leaf.delta):
+    if traced and all(c.stack for c in leaf.base + leaf.delta):
       try:
         hash(leaf)
         key = leaf
@@ -374,7 +378,8 @@ def _make_plan(
     stored = [jax.eval_shape(c.init, sp) for c, sp in zip(delta, specs)]
     lossless = tuple(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == dtype for x in stored)
     leaves.append(_Leaf(dtype, specs, base, delta, lossless))
-  return _Plan(treedef, leaves, _groups(leaves))
+  traced = any(is_traced(x) for _, x in flat)
+  return _Plan(treedef, leaves, _groups(leaves, traced))
 
 
 # ------------------------------------------------------------------------------

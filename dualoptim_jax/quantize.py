@@ -431,11 +431,17 @@ def _block_absmax(blocks: jax.Array) -> jax.Array:
   hi, lo = jax.lax.reduce(
     (blocks, blocks),
     (np.float32(-np.inf), np.float32(np.inf)),
-    lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+    _max_min,
     (blocks.ndim - 1,),
   )
   absmax = jnp.maximum(hi, -lo)
   return jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
+
+
+def _max_min(a: tuple, b: tuple) -> tuple:
+  # A module-level function, not a lambda: run eagerly, the reduction is cached
+  # by its computation's identity, and a fresh lambda compiled at every call.
+  return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 
 def _reciprocal(absmax: jax.Array) -> jax.Array:

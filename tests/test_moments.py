@@ -108,3 +108,29 @@ def test_the_8bit_program_holds_one_codec_per_group_not_per_leaf():
     return len(update.lower(params, state).compile().as_text())
 
   assert program_size(24) < 2 * program_size(2)
+
+
+_BACKEND_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+  lambda event, secs, **kw: (
+    _BACKEND_COMPILES.append(event)
+    if event == "/jax/core/compile/backend_compile_duration"
+    else None
+  )
+)
+
+
+def test_an_eager_8bit_update_compiles_nothing_once_warm():
+  """Run eagerly, every operation comes from JAX's cache after the first update:
+  leaves are not grouped (a group's loop, a fresh closure each time, would be
+  compiled again at every update), and the block reduction's computation is
+  a module-level function, not a fresh lambda."""
+  tx = dj.dualoptim_plus(1e-3, state_bits=8)
+  params = {f"w{i}": jnp.full((64, 300), i + 1.0) for i in range(3)}
+  grads = jax.tree.map(jnp.sin, params)
+  state = tx.init(params)
+  for objective in (0, 1):  # warm: every operation of both objectives' updates
+    _, state = tx.update(grads, state, params, objective=objective)
+  before = len(_BACKEND_COMPILES)
+  tx.update(grads, state, params, objective=0)
+  assert len(_BACKEND_COMPILES) == before
