@@ -428,6 +428,19 @@ def test_kept_programs_are_bounded_and_the_least_recently_used_goes_first(monkey
   assert set(T._PROGRAMS) == {(i,) for i in range(T._MAX_PROGRAMS + 1)} - {(1,)}
 
 
+def test_a_run_does_not_keep_the_previous_runs_step_programs(toy, monkeypatch):
+  """A run alternating forget and retain needs two programs; the bound keeps just those, so
+  the next run (another preset) does not hold the last one's executables beside its own."""
+  model, forget, retain = toy
+  monkeypatch.setattr(T, "_PROGRAMS", {})
+  kept = []
+  for tx in (optax.adam(1e-2), optax.sgd(1e-2)):
+    runner = T.Unlearner(model, L.make_objective("GA+GD"), tx, forget_steps=1, retain_steps=1)
+    runner.run(*_iters(forget, retain), 4, progress=False)
+    kept.append(set(T._PROGRAMS))
+  assert len(kept[0]) == len(kept[1]) == 2 and not kept[0] & kept[1]
+
+
 def test_sharded_steps_survive_eviction_of_their_programs(toy, monkeypatch):
   """On a mesh the placement keys the program; its hash must not change while it is a key (the
   state's shardings complete it), or evicting the program fails."""

@@ -328,10 +328,12 @@ _PROGRAMS: dict[tuple[Any, ...], Any] = {}
 # for as long as the function lives (the 8-bit DualOptim+ step of SmolLM2-135M: 1.7 GiB of
 # executable plus 1.8 GiB of lowering; docs/smollm2.md). So the bound holds the jitted functions
 # too, and a program it drops is freed. A sweep makes one program per (preset, swept value,
-# objective) and a run needs at most two (forget and retain); dropped ones come back from JAX's
-# persistent compilation cache (the job's default) when a later run needs them. Least recently
-# used goes first.
-_MAX_PROGRAMS = 4
+# objective) and a run needs at most two (forget and retain), so two are kept: a run does not hold
+# the previous run's programs too (the default SmolLM2 job held 8-bit DualOptim's two, 0.8 GiB,
+# through the float32 DualOptim+ run, its peak). Dropped ones come back from JAX's persistent
+# compilation cache (the job's default) when a later run needs them (seed-major order: the next
+# seed). Least recently used goes first.
+_MAX_PROGRAMS = 2
 
 
 def _program(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
