@@ -337,12 +337,18 @@ def _groups(leaves: list[_Leaf], traced: bool) -> list[tuple[int, ...]]:
   """Leaves with equal descriptions and stackable codecs, together; the rest alone.
 
   Only under a trace: run eagerly, a loop would be traced and compiled again
-  at every update, where single operations are cached.
+  at every update, where single operations are cached. Only on a single
+  device: with grouping, a job of two processes over an FSDP mesh that
+  resumed from checkpoints with a warm compilation cache failed in its 8-bit
+  step with a collective mismatch between the processes
+  (tests/test_multiprocess.py; not yet understood), and a grouped program
+  rounds differently from an ungrouped one, so a mesh of any size keeps one
+  unit per leaf and a run gives the same result on 1 or 2 processes.
   """
   groups: dict[Any, list[int]] = {}
   for i, leaf in enumerate(leaves):
     key: Any = ("alone", i)
-    if traced and all(c.stack for c in leaf.base + leaf.delta):
+    if traced and jax.device_count() == 1 and all(c.stack for c in leaf.base + leaf.delta):
       try:
         hash(leaf)
         key = leaf
