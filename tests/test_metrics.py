@@ -294,6 +294,34 @@ def test_evaluate_with_fakes(batch_size):
   assert len(fake.scored) == len(set(fake.scored))
 
 
+@pytest.mark.parametrize("generate_batch_size, calls", [(64, [5]), (2, [2, 2, 1])])
+def test_evaluate_with_generates_every_split_together(generate_batch_size, calls):
+  # Each split's answers must come back to its own items, whichever call decoded them.
+  sizes = []
+
+  def generate(questions):
+    sizes.append(len(questions))
+    return [GENERATIONS[q] for q in questions]
+
+  out = M.evaluate_with(
+    FakeModel().logprob,
+    generate,
+    _data(),
+    generate_batch_size=generate_batch_size,
+    progress=False,
+  )
+  assert sizes == calls
+  gens = {s: out["per_item"][s]["generation"] for s in M.SPLITS}
+  assert gens == {
+    "forget": ["A one", "nothing"],
+    "retain": ["R ans"],
+    "real_authors": ["William Shakespeare"],
+    "world_facts": ["Paris"],
+  }
+  with pytest.raises(ValueError, match="generate_batch_size"):
+    M.evaluate_with(FakeModel().logprob, generate, _data(), generate_batch_size=0)
+
+
 def test_evaluate_with_max_items_and_token_entropy():
   class WordTokenizer:
     def encode(self, text, *, add_bos=False):

@@ -79,6 +79,9 @@ def test_model_flag_switches_defaults_but_explicit_flags_win():
     P.DEFAULTS["finetune_epochs"],
   )
   assert cfg.lr == 7e-5 and cfg.seeds == P.DEFAULTS["seeds"]
+  assert cli.evaluation_settings(cfg)["max_new_tokens"] == P.DEFAULTS["max_new_tokens"] == 48
+  explicit = cli.parse_args(["--model", "smollm2", "--max-new-tokens", "128"])
+  assert cli.evaluation_settings(explicit)["max_new_tokens"] == 128
   with pytest.raises(SystemExit):
     cli.parse_args(["--model", "smollm2", "--model-layers", "0"])
 

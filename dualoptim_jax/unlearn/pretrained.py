@@ -66,6 +66,10 @@ DEFAULTS: dict[str, Any] = dict(
   steps=4,  # forget updates per run (alternating: 4 x (1 + 5) updates)
   batch_size=4,
   eval_items=10,
+  # Fine-tuning cut answers at max_len with their 18-33-token prompt, so the tuned model never
+  # learned more than ~46 answer tokens; an unlearned model rarely stops on its own, and the
+  # 128 of file data spent half of every evaluation decoding past what any answer holds.
+  max_new_tokens=48,
   seeds=(0,),
 )
 
