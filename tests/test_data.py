@@ -310,6 +310,14 @@ def test_batch_iterator_resumes_exactly_and_depends_on_seed():
     other.load_state_dict(state)
 
 
+def test_batch_iterator_peek_shows_the_next_batch_without_moving_on():
+  it = D.BatchIterator({"x": np.arange(5)}, 3, seed=1)
+  next(it)
+  seen = it.peek()
+  assert it.position == 1
+  np.testing.assert_array_equal(seen["x"], next(it)["x"])  # spans the epoch boundary too
+
+
 def test_batch_iterator_validates():
   with pytest.raises(ValueError, match="same number of examples"):
     D.BatchIterator({"x": np.arange(3), "y": np.arange(4)}, 2)

@@ -1,6 +1,7 @@
 """Tests for dualoptim_jax.unlearn.trainer: presets, modes, determinism, resume, end to end."""
 
 import gc
+import threading
 import weakref
 
 import jax
@@ -441,6 +442,37 @@ def test_a_run_does_not_keep_the_previous_runs_step_programs(toy, monkeypatch):
   assert len(kept[0]) == len(kept[1]) == 2 and not kept[0] & kept[1]
 
 
+def test_a_run_compiles_its_programs_before_its_state_and_not_again(toy, monkeypatch):
+  """Both programs of an alternating run compile when it starts, before the optimizer state
+  exists (the second one used to compile at update 1, on top of the state), and no later
+  update compiles."""
+  model, forget, retain = toy
+  monkeypatch.setattr(T, "_PROGRAMS", {})
+  made, compiled_update = [], T._compiled_update
+  monkeypatch.setattr(T, "_compiled_update", lambda *a: made.append(a) or compiled_update(*a))
+  runner = T.Unlearner(model, L.make_objective("GA+GD"), optax.adam(1e-2), retain_steps=2)
+  forget_batches, retain_batches = _iters(forget, retain)
+  runner.prepare(forget_batches.peek(), retain_batches.peek(), 3)
+  assert len(made) == 2 and runner._core._opt_state is None
+  runner.run(forget_batches, retain_batches, 3, progress=False)
+  assert len(made) == 2 and forget_batches.position == 1 and retain_batches.position == 2
+  fresh = T.Unlearner(model, L.make_objective("GA+GD"), optax.sgd(1e-2))
+  fresh.prepare(forget_batches.peek(), retain_batches.peek(), 1)  # one update: forget only
+  assert len(made) == 3
+
+
+def test_missing_programs_compile_concurrently(monkeypatch):
+  monkeypatch.setattr(T, "_PROGRAMS", {})
+  both = threading.Barrier(2, timeout=30)  # broken unless two compiles wait at once
+
+  def finish(lowered):
+    both.wait()
+    return f"compiled {lowered}"
+
+  got = T._programs([((0,), lambda: "a"), ((1,), lambda: "b")], finish=finish)
+  assert got == ["compiled a", "compiled b"] and set(T._PROGRAMS) == {(0,), (1,)}
+
+
 def test_sharded_steps_survive_eviction_of_their_programs(toy, monkeypatch):
   """On a mesh the placement keys the program; its hash must not change while it is a key (the
   state's shardings complete it), or evicting the program fails."""
@@ -469,14 +501,14 @@ def test_a_compiled_step_keeps_neither_its_jitted_function_nor_after_eviction_it
 
   monkeypatch.setattr(T, "_compiled_update", compiled_update)
   args = (np.zeros(3, np.float32),)
-  run = T._executable((2.0,), args)
+  [run] = T._executables([((2.0,), args)])
   compiled.append(weakref.ref(run))
   np.testing.assert_array_equal(run(np.ones(3, np.float32)), np.full(3, 2.0))
   del run
   gc.collect()
   assert jitted[0]() is None and compiled[0]() is not None  # the executable alone is kept
   for i in range(T._MAX_PROGRAMS):
-    T._executable((float(i + 3),), args)
+    T._executables([((float(i + 3),), args)])
   gc.collect()
   assert compiled[0]() is None  # evicted and freed
 

@@ -562,8 +562,13 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    idx = self.indices(self.position)
+    batch = self.peek()
     self.position += 1
+    return batch
+
+  def peek(self) -> dict[str, np.ndarray]:
+    """The next batch, without moving on."""
+    idx = self.indices(self.position)
     return {k: v[idx] for k, v in self.arrays.items()}
 
   @property

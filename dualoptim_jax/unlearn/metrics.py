@@ -526,10 +526,8 @@ def evaluate_with(
     retain_only_truth_ratios: the retain-only model's forget-set truth ratios
       (``result["per_item"]["forget"]["truth_ratio"]`` of its own evaluation), for forget quality.
     batch_size: (question, answer) pairs per call of ``logprob_fn``.
-    generate_batch_size: questions per call of ``generate_fn``. The questions of every split are
-      generated together, so small splits share calls: a greedy decoding step of SmolLM2-135M on
-      two CPU cores took 84 ms for 16 rows and 159 ms for 64, so the four 10-item splits of a
-      CPU-sized run decode in one call of 64 rows rather than four of 16 (padded from 10).
+    generate_batch_size: questions per call of ``generate_fn``, of every split together: a
+      decoding step costs less per row in a larger batch (docs/smollm2.md, the evaluation).
     max_items: evaluate the first ``max_items`` items of each split (TOFU's ``ds_size``, 300 in
       TOFU and the closer look); ``None`` for all.
     extra_metrics: names of registered extra components to include (see :func:`register_metric`).
@@ -542,10 +540,9 @@ def evaluate_with(
   """
   from tqdm.auto import tqdm
 
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if generate_batch_size < 1:
-    raise ValueError(f"generate_batch_size must be >= 1, got {generate_batch_size}")
+  for name, value in (("batch_size", batch_size), ("generate_batch_size", generate_batch_size)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
   if max_items is not None and max_items < 1:
     raise ValueError(f"max_items must be >= 1 or None, got {max_items}")
   for name in extra_metrics:
