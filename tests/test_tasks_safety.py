@@ -160,6 +160,29 @@ def test_responses_without_max_new_tokens_get_the_safety_default(shared_data, mo
   assert asked == {"max_new_tokens": S.RESPONSE_TOKENS, "max_len": cfg.max_len}
 
 
+def test_every_sets_prompts_decode_together_and_come_back_to_their_set(shared_data, monkeypatch):
+  cfg = cli.parse_args(TINY + ["--task", "safety", "--data-dir", str(shared_data)])
+  task = make_task(cfg)
+  task.prepare(CharTokenizer(), {})
+  calls = []
+
+  def generate_fn(prompts):
+    calls.append(len(prompts))
+    return [f"answer to {p}" for p in prompts]
+
+  def logprob_fn(questions, answers):
+    return np.zeros(len(questions)), np.ones(len(questions))
+
+  monkeypatch.setattr(formats, "format_fns", lambda *a, **k: (logprob_fn, generate_fn))
+  got = task.evaluate(None, CharTokenizer())
+  sets = {k: v for k, v in got["per_item"].items() if "response" in v}
+  assert len(sets) == len(S.HARMFUL_SETS) + 4 + 1  # refusal sets and the held-out seed tasks
+  for key, rows in sets.items():
+    assert rows["response"] == [f"answer to {p}" for p in rows["prompt"]], key
+  total = sum(len(rows["prompt"]) for rows in sets.values())
+  assert calls == [total]  # 3 items per set: one call, not one per set
+
+
 def test_safety_task_needs_data_dir():
   with pytest.raises(SystemExit):
     cli.parse_args(["--task", "safety"])

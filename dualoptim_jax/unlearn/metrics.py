@@ -47,6 +47,7 @@ from scipy import special, stats
 
 from dualoptim_jax.models.generate import greedy_generate
 from dualoptim_jax.sharding import committed, host_value
+from dualoptim_jax.unlearn.batching import GENERATE_BATCH, in_batches, pad_rows
 from dualoptim_jax.unlearn.data import PROMPT_TEMPLATE, collate, encode_qa
 from dualoptim_jax.unlearn.losses import answer_logprobs
 
@@ -509,7 +510,7 @@ def evaluate_with(
   *,
   retain_only_truth_ratios: np.ndarray | None = None,
   batch_size: int = 16,
-  generate_batch_size: int = 64,
+  generate_batch_size: int = GENERATE_BATCH,
   max_items: int | None = 300,
   extra_metrics: Sequence[str] = (),
   tokenizer: Any = None,
@@ -564,7 +565,7 @@ def evaluate_with(
   per_item: dict[str, dict[str, list]] = {}
   try:
     bar.set_postfix(split="all: generate")
-    answers = iter(_batched_generate(generate_fn, questions, generate_batch_size, bar))
+    answers = iter(in_batches(generate_fn, questions, generate_batch_size, bar.update))
     for split, its in items.items():
       bar.set_postfix(split=split)
       avg = _batched_avg_logprob(logprob_fn, *requests[split][:2], batch_size, bar)
@@ -646,16 +647,6 @@ def _batched_avg_logprob(
   return _avg_logprob(lp, n)
 
 
-def _batched_generate(generate_fn: GenerateFn, questions, batch_size: int, bar) -> list[str]:
-  gens: list[str] = []
-  for start in range(0, len(questions), batch_size):
-    gens.extend(generate_fn(questions[start : start + batch_size]))
-    bar.update(1)
-  if len(gens) != len(questions):
-    raise ValueError(f"generate_fn returned {len(gens)} answers for {len(questions)} questions")
-  return gens
-
-
 # --------------------------------------------------------------------------------------------
 # Adapter from a Flax model and a tokenizer.
 
@@ -664,14 +655,6 @@ def _batched_generate(generate_fn: GenerateFn, questions, batch_size: int, bar) 
 def _answer_logprob_sums(graphdef, state, input_ids, answer_mask):
   # Right padding sits after every real token, so causal attention never sees it.
   return answer_logprobs(nnx.merge(graphdef, state)(input_ids), input_ids, answer_mask)
-
-
-def _pad_rows(rows: list, multiple: int | None = None) -> list:
-  """Repeat the first row up to the next power of two (or multiple of ``multiple``): few batch
-  shapes, few compilations."""
-  n = len(rows)
-  size = (1 << (n - 1).bit_length()) if multiple is None else -(-n // multiple) * multiple
-  return rows + [rows[0]] * (size - n)
 
 
 def model_fns(
@@ -709,7 +692,7 @@ def model_fns(
     encoded = [encode_qa(tokenizer, q, a, max_len) for q, a in zip(questions, answers)]
     longest = max(len(e.input_ids) for e in encoded)
     length = min(-(-longest // pad_to_multiple) * pad_to_multiple, max(max_len, longest))
-    batch = collate(_pad_rows(encoded), tokenizer.pad_id, length)
+    batch = collate(pad_rows(encoded), tokenizer.pad_id, length)
     graphdef, state = nnx.split(model)  # split per call: the model may have been updated
     state = committed(state)  # a fine-tuned or a restored model: one program
     sums = _answer_logprob_sums(graphdef, state, batch["input_ids"], batch["answer_mask"])
@@ -724,7 +707,7 @@ def model_fns(
     ]
     out = greedy_generate(
       model,  # pyright: ignore[reportArgumentType]  (any module with Llama's decode API)
-      _pad_rows(prompts, 8),
+      pad_rows(prompts, 8),
       max_new_tokens=max_new_tokens,
       eos_id=tokenizer.eos_id,
       pad_id=tokenizer.pad_id,

@@ -53,8 +53,8 @@ __all__ = [
 SMOLLM2 = "smollm2"
 
 # Flag defaults of a ``--model`` run, sized for a 2-core CPU (SmolLM2-135M, six presets, one seed:
-# 49 min on a shared 2-core machine; docs/smollm2.md). Memorisation needs many passes over few
-# pairs: 6 epochs over 400 pairs at 2e-4 reproduced only 36% of answers exactly.
+# 16.7 min the first time on an idle 2-core machine; docs/smollm2.md). Memorisation needs many
+# passes over few pairs: 6 epochs over 400 pairs at 2e-4 reproduced only 36% of answers exactly.
 DEFAULTS: dict[str, Any] = dict(
   forget_items=10,  # half of one TOFU author (each has 20 QA pairs)
   retain_items=10,  # retain items that TOFU's retain evaluation set also holds

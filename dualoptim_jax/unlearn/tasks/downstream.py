@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dualoptim_jax.unlearn import metrics
+from dualoptim_jax.unlearn.batching import in_batches
 from dualoptim_jax.unlearn.tasks import files
 
 __all__ = [
@@ -89,22 +90,13 @@ def extract_final_number(text: str) -> str | None:
   return normalize_number(found[-1]) if found else None
 
 
-def _batched(fn: Callable, inputs: Sequence[Any], batch_size: int) -> list:
-  out: list = []
-  for start in range(0, len(inputs), batch_size):
-    out.extend(fn(inputs[start : start + batch_size]))
-  return out
-
-
 def evaluate_generation(
   generate_fn: GenerateFn, items: Sequence[files.GSM8KItem], *, batch_size: int = 16
 ) -> dict[str, Any]:
   """Exact match of the final number: ``{"accuracy", "n_items", "per_item"}``."""
   if not items:
     raise ValueError("evaluate_generation needs at least one item")
-  generations = _batched(generate_fn, [it.question for it in items], batch_size)
-  if len(generations) != len(items):
-    raise ValueError(f"generate_fn returned {len(generations)} answers for {len(items)} questions")
+  generations = in_batches(generate_fn, [it.question for it in items], batch_size)
   predictions = [extract_final_number(g) for g in generations]
   correct = [p is not None and p == it.final for p, it in zip(predictions, items)]
   return {

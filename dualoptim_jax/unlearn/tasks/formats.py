@@ -30,6 +30,7 @@ from flax import nnx
 from dualoptim_jax.models.chat import chat_prompt
 from dualoptim_jax.models.generate import greedy_generate
 from dualoptim_jax.unlearn import data as D
+from dualoptim_jax.unlearn.batching import pad_rows
 from dualoptim_jax.unlearn.losses import answer_logprobs, masked_nll, reference_kl
 
 __all__ = [
@@ -93,11 +94,6 @@ def _logprob_sums(graphdef, state, input_ids, answer_mask):
   return answer_logprobs(nnx.merge(graphdef, state)(input_ids), input_ids, answer_mask)
 
 
-def _pow2(rows: list) -> list:
-  """Repeat the first row up to the next power of two: few batch shapes, few compilations."""
-  return rows + [rows[0]] * ((1 << (len(rows) - 1).bit_length()) - len(rows))
-
-
 def format_fns(
   model: Any,
   tok: Any,
@@ -113,7 +109,7 @@ def format_fns(
     encoded = [encode(fmt, q, a, max_len) for q, a in zip(questions, answers)]
     longest = max(len(e.input_ids) for e in encoded)
     length = min(-(-longest // pad_to_multiple) * pad_to_multiple, max(max_len, longest))
-    batch = D.collate(_pow2(encoded), tok.pad_id, length)
+    batch = D.collate(pad_rows(encoded), tok.pad_id, length)
     graphdef, state = nnx.split(model)
     sums = _logprob_sums(graphdef, state, batch["input_ids"], batch["answer_mask"])
     n = len(encoded)
@@ -123,7 +119,11 @@ def format_fns(
     limit = max(1, max_len - max_new_tokens)  # long prompts keep their end (the turn marker)
     prompts = [fmt.prompt(q)[-limit:] for q in questions]
     out = greedy_generate(
-      model, _pow2(prompts), max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id
+      model,
+      pad_rows(prompts, 8),
+      max_new_tokens=max_new_tokens,
+      eos_id=tok.eos_id,
+      pad_id=tok.pad_id,
     )
     return [tok.decode(ids).strip() for ids in out[: len(questions)]]
 

@@ -37,6 +37,7 @@ complied by a judge (:mod:`.refusal`, ``string_match`` by default; a learned jud
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ import numpy as np
 
 from dualoptim_jax.unlearn import data as D
 from dualoptim_jax.unlearn import metrics
+from dualoptim_jax.unlearn.batching import GENERATE_BATCH, in_batches
 from dualoptim_jax.unlearn.tasks import Task, Tuner, formats, refusal
 from dualoptim_jax.unlearn.tasks import downstream as DS
 from dualoptim_jax.unlearn.tasks import files as F
@@ -226,13 +228,12 @@ class SafetyTask(Task):
       D.BatchIterator(utility, cfg.batch_size, seed=2 * seed + 1),
     )
 
-  def _refusals(self, generate_fn, prompts: Sequence[str]) -> tuple[float, dict[str, list]]:
-    responses: list[str] = []
-    for start in range(0, len(prompts), 16):
-      responses += generate_fn(prompts[start : start + 16])
+  def _refusals(
+    self, prompts: Sequence[str], responses: Sequence[str]
+  ) -> tuple[float, dict[str, list]]:
     refused = [bool(v) for v in self.judge(prompts, responses)]
     rate = float(np.mean(refused)) if refused else math.nan
-    return rate, {"prompt": list(prompts), "response": responses, "refused": refused}
+    return rate, {"prompt": list(prompts), "response": list(responses), "refused": refused}
 
   def evaluate(self, model: Any, tok: Any) -> dict[str, Any]:
     cfg, data = self.cfg, self.data
@@ -250,15 +251,18 @@ class SafetyTask(Task):
       "i_alpaca_refusal": data.benign,
       "heldout_refusal": [it.prompt for it in data.safety_heldout],
     }
-    for key, prompts in sets.items():
-      out[key], per_item[key] = self._refusals(generate_fn, _spread(prompts, n))
-
+    asked = {key: _spread(prompts, n) for key, prompts in sets.items()}
     seeds = _spread(data.seeds_heldout, n)
     prompts, refs = [it.prompt for it in seeds], [it.output for it in seeds]
+    # Every set's prompts decode together: small sets share calls.
+    answers = iter(
+      in_batches(generate_fn, [*itertools.chain(*asked.values()), *prompts], GENERATE_BATCH)
+    )
+    for key, asked_prompts in asked.items():
+      responses = [next(answers) for _ in asked_prompts]
+      out[key], per_item[key] = self._refusals(asked_prompts, responses)
+    gens = list(answers)
     out["seed_nll"] = formats.answer_nll(logprob_fn, prompts, refs)
-    gens: list[str] = []
-    for start in range(0, len(prompts), 16):
-      gens += generate_fn(prompts[start : start + 16])
     out["seed_rouge"] = float(np.mean(metrics.rouge_l_recall(gens, refs)))
     per_item["seeds"] = {"prompt": prompts, "response": gens, "reference": refs}
     heldout = _spread(data.safety_heldout, n)
