@@ -438,8 +438,9 @@ def tiny_llama():
 
 def test_model_scorer_matches_unbatched_log_softmax(tiny_llama):
   tok = CharTokenizer()
-  # Three rows (padded to a batch of four), two lengths (the short rows are right-padded).
+  # Four rows of three lengths (the shorter rows are right-padded).
   pairs = [("Q1", "A one"), ("Q2", "B two"), ("Q", "a much longer answer than the others")]
+  pairs.append(("Q3", "cut at max_len " * 8))  # its last answer token is the row's last token
   logprob_fn, _ = M.model_fns(tiny_llama, tok, max_len=64, pad_to_multiple=16)
   got_lp, got_n = logprob_fn([q for q, _ in pairs], [a for _, a in pairs])
   graphdef, state = nnx.split(tiny_llama)
@@ -451,7 +452,8 @@ def test_model_scorer_matches_unbatched_log_softmax(tiny_llama):
       jax.nn.log_softmax(forward(state, jnp.asarray(ids[None]))[0], axis=-1), np.float64
     )
     answer = np.nonzero(enc.answer_mask)[0]  # token t is predicted by the logits at t - 1
-    assert n == len(" " + a) + 1  # the answer follows "Answer:" after a space, then <eos>
+    # The answer follows "Answer:" after a space, then <eos>, unless cut at max_len.
+    assert n == min(len(" " + a) + 1, 64 - enc.answer_mask.index(1)) == sum(enc.answer_mask)
     assert lp == pytest.approx(sum(logp[t - 1, ids[t]] for t in answer), rel=1e-4, abs=1e-4)
 
 

@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from scipy import special, stats
@@ -49,7 +50,6 @@ from dualoptim_jax.models.generate import greedy_generate
 from dualoptim_jax.sharding import committed, host_value
 from dualoptim_jax.unlearn.batching import GENERATE_BATCH, in_batches, pad_rows
 from dualoptim_jax.unlearn.data import PROMPT_TEMPLATE, collate, encode_qa
-from dualoptim_jax.unlearn.losses import answer_logprobs
 
 # Evaluation splits, in report order, and the UnlearningData field each one reads.
 SPLITS: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")
@@ -651,10 +651,32 @@ def _batched_avg_logprob(
 # Adapter from a Flax model and a tokenizer.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _answer_logprob_sums(graphdef, state, input_ids, answer_mask):
-  # Right padding sits after every real token, so causal attention never sees it.
-  return answer_logprobs(nnx.merge(graphdef, state)(input_ids), input_ids, answer_mask)
+@functools.partial(jax.jit, static_argnames=("graphdef", "width"))
+def _answer_logprob_sums(graphdef, state, input_ids, answer_mask, starts, width: int):
+  """Summed answer-token log-probabilities of right-padded rows whose answers start at
+  ``starts`` and are at most ``width`` tokens long."""
+  # Right padding sits after every real token, so causal attention never sees it. Position t
+  # predicts token t + 1: only the ``width`` positions before each answer token are scored.
+  steps = starts[:, None] - 1 + jnp.arange(width)
+  scored = (steps >= 0) & (steps <= input_ids.shape[1] - 2)
+  steps = jnp.where(scored, steps, 0)
+  logits = _logits_at(nnx.merge(graphdef, state), input_ids, steps)
+  targets = jnp.take_along_axis(input_ids, steps + 1, axis=1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  logprobs = picked - jax.nn.logsumexp(logits, axis=-1)
+  mask = jnp.take_along_axis(answer_mask, steps + 1, axis=1) * scored
+  return jnp.sum(logprobs * mask, axis=-1)
+
+
+def _logits_at(model: Any, input_ids: jax.Array, steps: jax.Array) -> jax.Array:
+  """Float32 logits (B, W, V) at positions ``steps`` (B, W)."""
+  if hasattr(model, "hidden_states"):
+    # A Llama projects onto its vocabulary only where asked: the projection and the softmax
+    # over 49k tokens were 30 % of a SmolLM2 scoring call, and most positions are the prompt's.
+    h, _ = model.hidden_states(input_ids)
+    return model.logits(jnp.take_along_axis(h, steps[..., None], axis=1))
+  logits = model(input_ids).astype(jnp.float32)
+  return jnp.take_along_axis(logits, steps[..., None], axis=1)
 
 
 def model_fns(
@@ -670,7 +692,9 @@ def model_fns(
   The scorer tokenises ``(question, answer)`` with :func:`dualoptim_jax.unlearn.data.encode_qa`
   (the training prompt format; the answer's ``<eos>`` counts as an answer token, as in TOFU),
   right-pads to a multiple of ``pad_to_multiple`` tokens and a power-of-two batch, and sums the
-  answer-token log-probabilities in one jitted forward pass. The generator decodes greedily with
+  answer-token log-probabilities in one jitted forward pass (a model with Llama's
+  ``hidden_states`` / ``logits`` projects onto its vocabulary only where an answer token is
+  predicted). The generator decodes greedily with
   :func:`dualoptim_jax.models.generate.greedy_generate` from the prompt
   ``<bos>Question: {question}\\nAnswer:`` and strips the decoded text.
 
@@ -695,7 +719,11 @@ def model_fns(
     batch = collate(pad_rows(encoded), tokenizer.pad_id, length)
     graphdef, state = nnx.split(model)  # split per call: the model may have been updated
     state = committed(state)  # a fine-tuned or a restored model: one program
-    sums = _answer_logprob_sums(graphdef, state, batch["input_ids"], batch["answer_mask"])
+    starts = np.argmax(batch["answer_mask"] > 0, axis=-1).astype(np.int32)
+    width = -(-int(batch["answer_mask"].sum(-1).max()) // 8) * 8  # few shapes, few compiles
+    sums = _answer_logprob_sums(
+      graphdef, state, batch["input_ids"], batch["answer_mask"], starts, min(width, length)
+    )
     n = len(encoded)
     return host_value(sums).astype(np.float64)[:n], batch["answer_mask"][:n].sum(-1).astype(
       np.float64
