@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["GENERATE_BATCH", "in_batches", "pad_rows"]
+__all__ = ["GENERATE_BATCH", "GENERATE_ROWS", "in_batches", "pad_rows"]
 
 # Questions per greedy-decoding call. A decoding step costs less per row in a larger batch (a
 # step of SmolLM2-135M on two CPU cores: 84 ms for 16 rows, 159 ms for 64), so an evaluation
 # decodes the questions of all its sets together, this many at a time.
 GENERATE_BATCH = 64
+# A decoding call's rows are padded to a multiple of this (its batch shapes, its compiles).
+GENERATE_ROWS = 8
 
 
 def pad_rows(rows: list, multiple: int | None = None) -> list:

@@ -48,7 +48,7 @@ from scipy import special, stats
 
 from dualoptim_jax.models.generate import greedy_generate
 from dualoptim_jax.sharding import committed, host_value
-from dualoptim_jax.unlearn.batching import GENERATE_BATCH, in_batches, pad_rows
+from dualoptim_jax.unlearn.batching import GENERATE_BATCH, GENERATE_ROWS, in_batches, pad_rows
 from dualoptim_jax.unlearn.data import PROMPT_TEMPLATE, collate, encode_qa
 
 # Evaluation splits, in report order, and the UnlearningData field each one reads.
@@ -735,7 +735,7 @@ def model_fns(
     ]
     out = greedy_generate(
       model,  # pyright: ignore[reportArgumentType]  (any module with Llama's decode API)
-      pad_rows(prompts, 8),
+      pad_rows(prompts, GENERATE_ROWS),
       max_new_tokens=max_new_tokens,
       eos_id=tokenizer.eos_id,
       pad_id=tokenizer.pad_id,
@@ -753,7 +753,7 @@ def evaluate(
   retain_only_truth_ratios: np.ndarray | None = None,
   max_new_tokens: int = 128,
   batch_size: int = 16,
-  generate_batch_size: int = 64,
+  generate_batch_size: int = GENERATE_BATCH,
   max_len: int = 256,
   max_items: int | None = 300,
   extra_metrics: Sequence[str] = (),

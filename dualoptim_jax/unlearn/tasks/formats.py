@@ -30,7 +30,7 @@ from flax import nnx
 from dualoptim_jax.models.chat import chat_prompt
 from dualoptim_jax.models.generate import greedy_generate
 from dualoptim_jax.unlearn import data as D
-from dualoptim_jax.unlearn.batching import pad_rows
+from dualoptim_jax.unlearn.batching import GENERATE_ROWS, pad_rows
 from dualoptim_jax.unlearn.losses import answer_logprobs, masked_nll, reference_kl
 
 __all__ = [
@@ -120,7 +120,7 @@ def format_fns(
     prompts = [fmt.prompt(q)[-limit:] for q in questions]
     out = greedy_generate(
       model,
-      pad_rows(prompts, 8),
+      pad_rows(prompts, GENERATE_ROWS),
       max_new_tokens=max_new_tokens,
       eos_id=tok.eos_id,
       pad_id=tok.pad_id,
